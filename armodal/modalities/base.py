@@ -1,0 +1,166 @@
+"""What a modality plugs into armodal.
+
+A modality is a config group file ``conf/modality/<name>.yaml`` holding ``_target_``
+blocks for four parts; the shared transformer never sees the modality's name.
+
+* ``data``: a LightningDataModule.  After ``setup()`` it exposes ``.tokenizer``
+  (a :class:`Tokenizer`) and yields batches as dicts:
+
+  - ``ids``: LongTensor [B, T] token ids;
+  - ``types``: optional LongTensor [B, T] type ids (voice, channel, 2D cell...);
+  - ``cond``: optional conditioning input handed to the conditioner (labels,
+    features...);
+  - ``loss_mask``: optional BoolTensor [B, T], True where token t is a training
+    target (default: every non-pad token after the first, or every non-pad token
+    when a prefix precedes the ids).
+
+* ``conditioner`` (optional): a :class:`Conditioner` ``nn.Module`` mapping
+  ``cond`` to a continuous prefix [B, P, d_model]; ``d_model`` is injected.
+* ``sampler``: a :class:`Sampler` that turns a loaded model into files a person
+  can look at or listen to.
+* ``evaluator`` (optional): a callable ``(model, datamodule, out_dir, **kw) -> dict``
+  of domain metrics for ``armodal-eval``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from armodal.api import ARModel
+
+__all__ = ["Tokenizer", "Conditioner", "Sampler", "load_tokenizer", "TOKENIZER_FILE"]
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class Tokenizer(ABC):
+    """ids in and out.  Subclasses implement a few hooks; saving/loading is shared.
+
+    Subclasses set ``pad_id`` (always), and ``bos_id`` / ``eos_id`` (or None).
+    """
+
+    modality: str = "abstract"  # the modality this tokenizer belongs to (checked at load)
+    pad_id: int = 0
+    bos_id: int | None = None
+    eos_id: int | None = None
+
+    # -- hooks -------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @property
+    def num_types(self) -> int:
+        """Size of the type-id vocabulary (0: this modality uses no type stream)."""
+        return 0
+
+    @abstractmethod
+    def encode(self, item: Any) -> torch.Tensor:
+        """One item -> LongTensor [T]."""
+
+    @abstractmethod
+    def decode(self, ids: torch.Tensor) -> Any:
+        """LongTensor [T] -> one item (special tokens are dropped)."""
+
+    def types(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """Type ids for a batch of sequences [B, T] -> [B, T], or None."""
+        return None
+
+    def allowed_next(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """Grammar: given ids [B, t] so far, a bool mask [B, V] of allowed next tokens, or None."""
+        return None
+
+    @abstractmethod
+    def state(self) -> dict:
+        """JSON-serialisable state from which ``from_state`` rebuilds the tokenizer."""
+
+    @classmethod
+    @abstractmethod
+    def from_state(cls, state: dict, directory: Path) -> "Tokenizer":
+        """Rebuild from ``state()``; ``directory`` holds any extra files ``save_extra`` wrote."""
+
+    def save_extra(self, directory: Path) -> None:
+        """Write extra files (weights, vocabularies) next to tokenizer.json."""
+
+    # -- shared logic --------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        cls = type(self)
+        payload = {
+            "_target_": f"{cls.__module__}.{cls.__qualname__}",
+            "modality": self.modality,
+            "vocab_size": self.vocab_size,
+            "num_types": self.num_types,
+            "state": self.state(),
+        }
+        self.save_extra(directory)
+        tmp = directory / (TOKENIZER_FILE + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=2))
+        tmp.replace(directory / TOKENIZER_FILE)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Tokenizer":
+        return load_tokenizer(directory)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(modality={self.modality!r}, vocab_size={self.vocab_size}, num_types={self.num_types})"
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """Rebuild a saved tokenizer; only classes inside ``armodal`` are accepted."""
+    from armodal.utils.safety import check_target
+
+    directory = Path(directory)
+    path = directory / TOKENIZER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no saved tokenizer here")
+    try:
+        payload = json.loads(path.read_text())
+        target = payload["_target_"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a valid armodal tokenizer file ({e})") from None
+    check_target(target, source=str(path))
+    module, _, name = target.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    if not (isinstance(cls, type) and issubclass(cls, Tokenizer)):
+        raise ValueError(f"{path}: {target} is not an armodal Tokenizer")
+    return cls.from_state(payload["state"], directory)
+
+
+class Conditioner(nn.Module):
+    """Maps a batch's ``cond`` to a continuous prefix [B, P, d_model].
+
+    ``uncond(cond)`` returns the prefix of the same shape with the condition dropped
+    (for classifier-free guidance); modalities without CFG need not implement it.
+    """
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.d_model = d_model
+
+    def forward(self, cond: Any) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def uncond(self, cond: Any) -> torch.Tensor:
+        raise TypeError(f"{type(self).__name__} has no unconditional prefix (no CFG support)")
+
+
+class Sampler(ABC):
+    """Turns a loaded :class:`armodal.api.ARModel` into files (MIDI, PNG, h5ad...).
+
+    ``__call__`` returns a JSON-serialisable summary (paths written, metrics).
+    Keyword overrides given on the ``armodal-generate`` command line arrive as kwargs.
+    """
+
+    @abstractmethod
+    def __call__(self, model: "ARModel", num_samples: int, out_dir: str | Path, **overrides: Any) -> dict: ...
