@@ -1,0 +1,7 @@
+"""Generic ``tokens`` modality: pre-tokenized integer sequences (.npy / .bin + vocab.json)."""
+
+from armodal.modalities.tokens.data import TokensDataModule, read_token_file, write_toy_corpus
+from armodal.modalities.tokens.sampler import TokensSampler
+from armodal.modalities.tokens.tokenizer import TokensTokenizer
+
+__all__ = ["TokensDataModule", "TokensSampler", "TokensTokenizer", "read_token_file", "write_toy_corpus"]

@@ -1,0 +1,131 @@
+"""``armodal-train experiment=NAME [overrides]``: train(cfg) behind a thin @hydra.main."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from armodal.training.checkpoint import AtomicCheckpointIO
+from armodal.utils.config import is_child_rank, main_wrapper, register_resolvers, save_config, timestamp
+from armodal.utils.safety import check_config_targets
+
+__all__ = ["train", "main", "resolve_run_dir"]
+
+
+def resolve_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
+    """Pick the run folder and the checkpoint to resume from (if any)."""
+    if is_child_rank() and os.environ.get("ARMODAL_RUN_DIR"):
+        run_dir = Path(os.environ["ARMODAL_RUN_DIR"])
+        ckpt = os.environ.get("ARMODAL_RESUME_CKPT") or None
+        return run_dir, Path(ckpt) if ckpt else None
+    resume = cfg.get("resume", False)
+    runs = Path(cfg.paths.runs_dir) / cfg.name
+    if isinstance(resume, str) and resume not in ("true", "false", "True", "False"):
+        ckpt = Path(resume).expanduser().resolve()
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"resume={resume}: checkpoint file not found")
+        return ckpt.parent.parent, ckpt
+    if cfg.get("run_dir"):
+        run_dir = Path(cfg.run_dir).expanduser().resolve()
+        last = run_dir / "checkpoints" / "last.ckpt"
+        return run_dir, last if resume and last.is_file() else None
+    if resume:
+        lasts = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if lasts:
+            return lasts[-1].parent.parent, lasts[-1]
+        warnings.warn(f"resume=true but no run of {cfg.name!r} under {runs} has a last.ckpt: starting fresh")
+    run_dir = runs / timestamp()
+    i = 1
+    while run_dir.exists():
+        run_dir = runs / f"{timestamp()}_{i}"
+        i += 1
+    return run_dir.resolve(), None
+
+
+def build_runtime(cfg: DictConfig, datamodule) -> dict:
+    """Objects injected into ``cfg.module``: tokenizer, net, conditioner (those that exist)."""
+    runtime: dict = {}
+    tok = getattr(datamodule, "tokenizer", None)
+    if tok is not None:
+        runtime["tokenizer"] = tok
+    if cfg.get("model") is not None:
+        if tok is None:
+            raise ValueError(f"modality {cfg.modality.name!r}: the datamodule exposes no tokenizer for the AR model")
+        runtime["net"] = instantiate(cfg.model, vocab_size=tok.vocab_size, num_types=tok.num_types)
+        if cfg.modality.get("conditioner") is not None:
+            runtime["conditioner"] = instantiate(cfg.modality.conditioner, d_model=runtime["net"].config.d_model)
+    return runtime
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train the configured experiment; returns the final metrics (also written to metrics.json)."""
+    register_resolvers()
+    check_config_targets(cfg, source="train config")
+    run_dir, ckpt_path = resolve_run_dir(cfg)
+    os.environ["ARMODAL_RUN_DIR"] = str(run_dir)
+    if ckpt_path is not None:
+        os.environ["ARMODAL_RESUME_CKPT"] = str(ckpt_path)
+        from armodal.api import load_checkpoint_meta
+
+        load_checkpoint_meta(ckpt_path, expect_modality=cfg.modality.name)  # clear error for another modality
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+    if not is_child_rank():
+        save_config(cfg, run_dir / "config.yaml")
+        print(f"[armodal] run folder: {run_dir}" + (f" (resuming from {ckpt_path})" if ckpt_path else ""))
+
+    dm = instantiate(cfg.modality.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    runtime = build_runtime(cfg, dm)
+    if "tokenizer" in runtime and not is_child_rank():
+        runtime["tokenizer"].save(run_dir / "tokenizer")
+    module = instantiate(cfg.module, **runtime)
+    module.armodal_meta = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "modality": cfg.modality.name,
+        "name": cfg.name,
+        "run_dir": str(run_dir),
+        "format": 1,
+    }
+    module.run_dir = run_dir
+    if cfg.modality.get("sampler") is not None:
+        module.sampler = instantiate(cfg.modality.sampler)
+
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer = pl.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(run_dir),
+    )
+    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    if cfg.get("test_after_fit") and hasattr(dm, "test_dataloader"):
+        trainer.test(module, datamodule=dm, verbose=False)
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    if trainer.is_global_zero:
+        metrics["run_dir"] = str(run_dir)
+        metrics["command"] = os.environ.get("ARMODAL_COMMAND")
+        if cfg.get("test_after_fit"):
+            metrics["test"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        tmp = metrics_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(metrics, indent=2))
+        tmp.replace(metrics_path)
+        print(f"[armodal] done: {run_dir}  (checkpoints/, samples/, metrics.json)")
+    return metrics
+
+
+main = main_wrapper(train, "train")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""ARLitModule: next-token training of the shared transformer on any modality."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+from torch import nn
+
+from armodal.training.loss import next_token_nll
+
+__all__ = ["ARLitModule", "batch_nll"]
+
+
+def batch_nll(net: nn.Module, conditioner: nn.Module | None, batch: dict, pad_id: int | None):
+    """(sum NLL in nats, number of target tokens) for one batch dict."""
+    ids = batch["ids"]
+    prefix = None
+    if conditioner is not None and batch.get("cond") is not None:
+        prefix = conditioner(batch["cond"])
+    logits = net(ids, prefix=prefix, types=batch.get("types"))
+    p = 0 if prefix is None else prefix.shape[1]
+    return next_token_nll(logits, ids, p, batch.get("loss_mask"), pad_id)
+
+
+class ARLitModule(pl.LightningModule):
+    """Owns the loss (teacher-forced next-token cross-entropy), optimisation and EMA.
+
+    ``net`` is the shared :class:`~armodal.models.Transformer`; ``conditioner`` the
+    modality's optional prefix encoder; ``optimizer`` / ``scheduler`` are partials
+    (``_partial_: true``) taking named parameters / the optimizer.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        tokenizer: Any = None,
+        conditioner: nn.Module | None = None,
+        optimizer: Callable | None = None,
+        scheduler: Callable | None = None,
+        ema_decay: float | None = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.conditioner = conditioner
+        self.tokenizer = tokenizer
+        self.pad_id = getattr(tokenizer, "pad_id", None)
+        self._optimizer = optimizer
+        self._scheduler = scheduler
+        self.ema_decay = ema_decay
+        self.ema = None
+        if ema_decay:
+            self.ema = copy.deepcopy(nn.ModuleDict({"net": net, **({"conditioner": conditioner} if conditioner else {})}))
+            self.ema.requires_grad_(False)
+        self.compile = compile
+        self._train_forward = None
+        self.armodal_meta: dict = {}  # set by train(): resolved config, modality name
+        self.sampler = None  # set by train(): the modality's sampler, used by SampleCallback
+        self.run_dir = None
+        self._val_sum = self._val_cnt = 0.0
+        self._stage_sums: dict[str, list[float]] = {}
+
+    # -- setup ------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        n = self.net.num_params()
+        self.num_params = n
+        rank_zero_info(f"[armodal] transformer parameters: {n / 1e6:.2f}M ({n:,}); "
+                       f"non-embedding {self.net.num_params(exclude_embeddings=True):,}")
+        if self.compile and self._train_forward is None:
+            self._train_forward = torch.compile(self.net)
+
+    def forward_nll(self, batch: dict, use_ema: bool = False):
+        if use_ema and self.ema is not None:
+            return batch_nll(self.ema["net"], self.ema["conditioner"] if "conditioner" in self.ema else None, batch, self.pad_id)
+        net = self._train_forward if (self._train_forward is not None and self.training) else self.net
+        return batch_nll(net, self.conditioner, batch, self.pad_id)
+
+    # -- steps ------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        s, n = self.forward_nll(batch)
+        loss = s / n.clamp_min(1)
+        bs = batch["ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/tokens", n, reduce_fx="sum", batch_size=bs)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None:
+            with torch.no_grad():
+                src = dict(self.net.named_parameters(prefix="net"))
+                if self.conditioner is not None:
+                    src.update(self.conditioner.named_parameters(prefix="conditioner"))
+                for name, p in self.ema.named_parameters():
+                    p.lerp_(src[name].detach().to(p.dtype), 1.0 - self.ema_decay)
+
+    def _eval_step(self, batch: dict, stage: str) -> None:
+        s, n = self.forward_nll(batch, use_ema=self.ema is not None)
+        acc = self._stage_sums.setdefault(stage, [0.0, 0.0])
+        acc[0] += float(s)
+        acc[1] += float(n)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        s, n = self._stage_sums.pop(stage, [0.0, 0.0])
+        t = torch.tensor([s, n], dtype=torch.float64, device=self.device)
+        if self.trainer.world_size > 1:
+            t = self.trainer.strategy.reduce(t, reduce_op="sum")
+        nll = (t[0] / t[1].clamp_min(1)).float()
+        self.log(f"{stage}/nll", nll, prog_bar=True, sync_dist=False)
+        self.log(f"{stage}/bpt", nll / math.log(2), sync_dist=False)
+        self.log(f"{stage}/ppl", nll.exp(), sync_dist=False)
+        self.log(f"{stage}/tokens", t[1].float(), sync_dist=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    # -- optimisation -----------------------------------------------------------------
+    def configure_optimizers(self):
+        named = list(self.net.named_parameters())
+        if self.conditioner is not None:
+            named += list(self.conditioner.named_parameters())
+        opt = self._optimizer(named)
+        if self._scheduler is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self._scheduler(opt), "interval": "step"}}
+
+    # -- checkpoints --------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["armodal"] = self.armodal_meta
