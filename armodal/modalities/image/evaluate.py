@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -128,9 +129,9 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    if not np.isfinite(covmean).all():  # near-singular product: regularise as in the reference FID code
-        eps = 1e-6 * np.eye(s1.shape[0])
+    eps = 1e-6 * np.eye(s1.shape[0])  # keeps the product well conditioned (as the reference FID code does)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
         covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
     covmean = covmean.real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
@@ -210,7 +211,9 @@ class ImageEvaluator:
         metrics["recon_grid"] = str(out_dir / "recon_grid.png")
 
         if isinstance(model, ARModel):
-            metrics.update(self._ar_metrics(model, datamodule, clf, f_test, out_dir))
+            ar = self._ar_metrics(model, datamodule, clf, f_test, out_dir)
+            metrics["fd"].update(ar.pop("fd"))
+            metrics.update(ar)
             metrics["targets"] = {
                 "accuracy_cfg_ge_0.90": metrics["samples"]["accuracy"] >= 0.90,
                 "fd_samples_le_2x_recon": metrics["fd"]["samples_vs_test"] <= 2 * metrics["fd"]["recon_vs_test"],
@@ -228,7 +231,7 @@ class ImageEvaluator:
             r = dataset_nll(model, loader)
             out["nll"][split] = {"bits_per_token": r["bpt"], "bits_per_image": r["bpt"] * seq_len,
                                  "nats_per_token": r["nll"]}
-        n_cls = model.conditioner.num_classes
+        n_cls = model.tokenizer.num_classes or model.conditioner.num_classes
         per = max(1, self.num_fid_samples // n_cls)
         labels = torch.arange(n_cls).repeat_interleave(per)  # [n_cls * per]
         kw = dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, batch_size=self.batch_size)
