@@ -76,7 +76,11 @@ def test_unused_codes_are_reinitialised():
     torch.manual_seed(0)
     vq = VQModel(VQConfig(reinit_every=1, usage_decay=0.0, dead_code_threshold=0.5, **SMALL)).train()
     before = vq.quantizer.embedding.weight.detach().clone()
-    _, q = vq(torch.rand(2, 1, 28, 28) * 2 - 1)
+    x = torch.rand(2, 1, 28, 28) * 2 - 1
+    recon, q = vq(x)
+    ((recon - x) ** 2).mean().add(q.loss).backward()  # the re-init must not break this step's backward
+    assert torch.equal(vq.quantizer.embedding.weight, before)  # deferred to the next forward
+    vq(torch.rand(2, 1, 28, 28) * 2 - 1)
     used = torch.unique(q.ids)
     unused = torch.tensor(sorted(set(range(32)) - set(used.tolist())))
     assert len(unused) > 0

@@ -95,6 +95,7 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("usage", torch.ones(self.k))  # EMA of per-batch counts per code
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.num_reinit = 0  # total codes re-initialised so far (logged)
+        self._pending: torch.Tensor | None = None  # latents [n, D] for a deferred re-initialisation
 
     def codebook(self) -> torch.Tensor:
         return F.normalize(self.embedding.weight, dim=-1)  # [K, D]
@@ -104,6 +105,9 @@ class VectorQuantizer(nn.Module):
         return self.codebook()[ids].permute(0, 3, 1, 2)
 
     def forward(self, z: torch.Tensor) -> QuantOut:
+        if self.training and self._pending is not None:  # re-init before the codebook enters a new graph
+            self.reinit_dead_codes(self._pending)
+            self._pending = None
         b, d, h, w = z.shape
         z = F.normalize(z.permute(0, 2, 3, 1), dim=-1)  # [B, h, w, D] on the unit sphere
         flat = z.reshape(-1, d)  # [N, D]
@@ -122,7 +126,9 @@ class VectorQuantizer(nn.Module):
         self.usage.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.steps += 1
         if self.reinit_every > 0 and int(self.steps) % self.reinit_every == 0:
-            self.reinit_dead_codes(flat)
+            # the codebook is part of this step's autograd graph: apply at the next forward
+            keep = torch.randperm(flat.shape[0], device=flat.device)[:4096]
+            self._pending = flat[keep].clone()
 
     @torch.no_grad()
     def reinit_dead_codes(self, flat: torch.Tensor) -> int:
