@@ -150,20 +150,22 @@ class JSBTokenizer(Tokenizer):
         return mask
 
     def grammar_errors(self, ids: torch.Tensor) -> int:
-        """Number of grammar violations in one sequence (0 for a well-formed piece)."""
+        """Grammar violations in one sequence: no BOS first, BOS/PAD inside the piece, tokens
+        after EOS, an EOS that ends an incomplete step.  A sequence cut by the length limit
+        (no EOS) is not an error: its incomplete last step is dropped when decoding."""
         ids = torch.as_tensor(ids).reshape(-1).tolist()
         errors = 0
         if not ids or ids[0] != self.bos_id:
             errors += 1
-        body = ids[1:]
+        body = ids[1:] if ids and ids[0] == self.bos_id else ids
         if self.eos_id in body:
             end = body.index(self.eos_id)
             errors += sum(1 for i in body[end + 1 :] if i != self.pad_id)  # tokens after EOS
             body = body[:end]
+            errors += int(len(body) % NUM_VOICES != 0)  # EOS inside a step
         else:
             body = [i for i in body if i != self.pad_id]
         errors += sum(1 for i in body if i < self.num_specials and i != self.rest_id)
-        errors += len(body) % NUM_VOICES  # incomplete last step
         return errors
 
     # -- MIDI views (used by the sampler and the evaluator) ------------------------------

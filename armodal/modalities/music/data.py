@@ -1,0 +1,288 @@
+"""A datamodule over any folder of MIDI files (searched recursively), tokenized once and cached.
+
+* Files are split by piece, deterministically (a hash of the path relative to the
+  root), into train / val / test.
+* Bad files (corrupt or truncated, empty, drum-only, too large, nothing in the
+  pitch range) are skipped with a :class:`MidiSkipWarning` naming the file and the
+  reason; a summary with the count is printed at the end.
+* Training windows of ``max_seq_len`` tokens are cut at random from
+  ``BOS events EOS`` sequences, transposed by a random shift in
+  ``[-max_transpose, max_transpose]`` (shifts that would push a pitch out of the
+  tokenizer's range are not drawn) and taken from a randomly time-stretched
+  version of the piece (``time_stretch`` factors, tokenized once and cached).
+* Validation / test windows tile every sequence with a one-token overlap, so every
+  token after the piece's BOS is scored exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from symusic import Note, Score, Track
+from torch.utils.data import DataLoader, Dataset
+
+from armodal.modalities.music.midi_io import DEFAULT_MAX_BYTES, MIDI_SUFFIXES, BadMidiError, read_midi
+from armodal.modalities.music.tokenizer import MidiTokenizer
+
+__all__ = ["MidiDataModule", "MidiSkipWarning", "find_midi_files", "split_of", "time_stretch", "random_transpose"]
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+
+
+class MidiSkipWarning(UserWarning):
+    """A MIDI file was skipped while building a dataset (the message names it and says why)."""
+
+
+def find_midi_files(root: str | Path) -> list[Path]:
+    """Every ``.mid`` / ``.midi`` file under ``root`` (recursive, case-insensitive), sorted."""
+    root = Path(root)
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in MIDI_SUFFIXES)
+
+
+def split_of(rel_path: str, val_fraction: float, test_fraction: float, seed: int = 0) -> str:
+    """Deterministic split of one piece from a hash of its relative path."""
+    h = int(hashlib.sha1(f"{seed}:{rel_path}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    if h < test_fraction:
+        return "test"
+    if h < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def time_stretch(score: Score, factor: float) -> Score:
+    """Every onset and duration multiplied by ``factor`` (in ticks; tempo kept, so it plays
+    ``factor`` times slower).  ``factor=2`` turns quarters into halves."""
+    if factor == 1.0:
+        return score
+    out = Score(score.ticks_per_quarter)
+    for t in score.tracks:
+        track = Track(t.name, t.program, t.is_drum)
+        for n in t.notes:
+            track.notes.append(Note(int(round(n.time * factor)), max(1, int(round(n.duration * factor))), n.pitch, n.velocity))
+        out.tracks.append(track)
+    for tempo in score.tempos:
+        out.tempos.append(type(tempo)(int(round(tempo.time * factor)), tempo.qpm))
+    return out
+
+
+def random_transpose(tok: MidiTokenizer, ids: np.ndarray, max_transpose: int, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly drawn shift in [-k, k] among those that keep every pitch in range."""
+    for s in rng.permutation(np.arange(-max_transpose, max_transpose + 1)):
+        out = tok.transpose_ids(ids, int(s))
+        if out is not None:  # shift 0 always fits
+            return out
+    return ids
+
+
+class _TrainWindows(Dataset):
+    def __init__(self, pieces: list[list[np.ndarray]], tok: MidiTokenizer, seq_len: int, max_transpose: int) -> None:
+        self.pieces, self.tok, self.seq_len, self.max_transpose = pieces, tok, seq_len, max_transpose
+        # one entry per window's worth of tokens, so long pieces are seen proportionally more often
+        self.index = [i for i, p in enumerate(pieces) for _ in range(max(1, int(np.ceil(len(p[0]) / seq_len))))]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        rng = np.random.default_rng()
+        versions = self.pieces[self.index[k]]
+        ids = versions[int(rng.integers(len(versions)))]  # a random time-stretched version
+        if len(ids) > self.seq_len:
+            start = int(rng.integers(0, len(ids) - self.seq_len + 1))
+            ids = ids[start : start + self.seq_len]
+        if self.max_transpose > 0:
+            ids = random_transpose(self.tok, ids, self.max_transpose, rng)
+        return torch.from_numpy(np.asarray(ids, dtype=np.int64))
+
+
+class _EvalWindows(Dataset):
+    """Windows with a one-token overlap: every token after BOS is a target exactly once."""
+
+    def __init__(self, pieces: list[list[np.ndarray]], seq_len: int) -> None:
+        self.items = []
+        for versions in pieces:
+            ids = versions[0]  # the unstretched version
+            start = 0
+            while True:
+                self.items.append(torch.from_numpy(np.asarray(ids[start : start + seq_len], dtype=np.int64)))
+                if start + seq_len >= len(ids):
+                    break
+                start += seq_len - 1
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        return self.items[k]
+
+
+class MidiDataModule(pl.LightningDataModule):
+    """Tokenized MIDI folder.  Batches: ``ids`` [B, T] and ``loss_mask`` [B, T] (non-pad).
+
+    ``tokenizer`` holds :class:`MidiTokenizer` kwargs (``kind``, ``beat_res``,
+    ``num_velocities``, ``pitch_range``).  Tokenized pieces are cached under
+    ``cache_dir`` keyed by the tokenizer parameters, the file list and the
+    stretch factors.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        tokenizer: dict | None = None,
+        cache_dir: str | None = None,
+        max_seq_len: int = 512,
+        batch_size: int = 16,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        split_seed: int = 0,
+        max_transpose: int = 5,
+        time_stretch: list[float] | tuple[float, ...] = (1.0,),
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_notes: int = 200_000,
+        num_workers: int = 0,
+        convert_music21_bach: bool = False,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root)
+        self.tokenizer = MidiTokenizer(**(dict(tokenizer) if tokenizer else {}))
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.max_seq_len, self.batch_size = int(max_seq_len), int(batch_size)
+        self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
+        self.max_transpose = int(max_transpose)
+        self.stretch = [float(f) for f in (time_stretch or [1.0])]
+        if 1.0 not in self.stretch:
+            self.stretch = [1.0, *self.stretch]
+        self.stretch = [1.0] + [f for f in self.stretch if f != 1.0]  # version 0 is the original
+        self.max_bytes, self.max_notes, self.num_workers = max_bytes, max_notes, num_workers
+        self.convert_music21_bach = convert_music21_bach
+        self.splits: dict[str, list[list[np.ndarray]]] | None = None
+        self.names: dict[str, list[str]] = {}
+        self.skipped: list[tuple[str, str]] = []
+
+    # -- building ---------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if not self.root.is_dir() and self.convert_music21_bach:
+            from armodal.modalities.music.bach import convert_bach_chorales
+
+            convert_bach_chorales(self.root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: MIDI folder not found (set modality.data.root)")
+
+    def _cache_path(self, files: list[Path]) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        key = json.dumps({
+            "v": CACHE_VERSION, "tok": self.tokenizer.state(), "stretch": self.stretch, "max_bytes": self.max_bytes,
+            "max_notes": self.max_notes,
+            "files": [(str(f.relative_to(self.root)), f.stat().st_size, int(f.stat().st_mtime)) for f in files],
+        }, sort_keys=True, default=str)
+        return self.cache_dir / "music" / f"{self.root.name}_{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+
+    def _tokenize(self, path: Path) -> list[np.ndarray]:
+        score = read_midi(path, max_bytes=self.max_bytes, max_notes=self.max_notes)
+        versions = []
+        for f in self.stretch:
+            ids = self.tokenizer.encode(time_stretch(score, f)).numpy().astype(np.int32)
+            if len(ids) <= 2:
+                if f == 1.0:
+                    raise BadMidiError(path, "no notes left inside the tokenizer's pitch range "
+                                             f"{self.tokenizer.pitch_range}")
+                continue
+            versions.append(ids)
+        return versions
+
+    def build(self) -> dict:
+        """Tokenize (or load from cache) every file; returns {"pieces": {rel: [ids...]}, "skipped": [...]}."""
+        files = find_midi_files(self.root)
+        if not files:
+            raise FileNotFoundError(f"{self.root}: no .mid / .midi files found (searched recursively)")
+        cache = self._cache_path(files)
+        if cache is not None and cache.is_file():
+            data = torch.load(cache, weights_only=False)
+            for rel, reason in data["skipped"]:
+                warnings.warn(f"skipping {self.root / rel}: {reason} (cached)", MidiSkipWarning, stacklevel=2)
+            return data
+        pieces, skipped = {}, []
+        for f in files:
+            rel = str(f.relative_to(self.root))
+            try:
+                pieces[rel] = self._tokenize(f)
+            except BadMidiError as e:
+                skipped.append((rel, e.reason))
+                warnings.warn(f"skipping {f}: {e.reason}", MidiSkipWarning, stacklevel=2)
+            except Exception as e:  # noqa: BLE001 - miditok may fail on exotic files; never crash the run
+                reason = f"tokenizer failed ({type(e).__name__}: {e})"
+                skipped.append((rel, reason))
+                warnings.warn(f"skipping {f}: {reason}", MidiSkipWarning, stacklevel=2)
+        data = {"pieces": pieces, "skipped": skipped}
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            torch.save(data, tmp)
+            tmp.replace(cache)
+        return data
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is not None:
+            return
+        self.prepare_data()
+        data = self.build()
+        self.skipped = list(data["skipped"])
+        n_files = len(data["pieces"]) + len(self.skipped)
+        if self.skipped:
+            reasons = Counter(r.split(" (")[0] for _, r in self.skipped)
+            print(f"[music] {self.root}: skipped {len(self.skipped)} of {n_files} MIDI files "
+                  f"({', '.join(f'{v} {k}' for k, v in reasons.items())})")
+        if not data["pieces"]:
+            raise ValueError(f"{self.root}: none of the {n_files} MIDI files could be used (all skipped)")
+        self.splits = {"train": [], "val": [], "test": []}
+        self.names = {"train": [], "val": [], "test": []}
+        for rel in sorted(data["pieces"]):
+            s = split_of(rel, self.val_fraction, self.test_fraction, self.split_seed)
+            self.splits[s].append(data["pieces"][rel])
+            self.names[s].append(rel)
+        if not self.splits["train"]:
+            raise ValueError(f"{self.root}: the split left no training pieces ({len(data['pieces'])} usable)")
+        for s in ("val", "test"):  # tiny folders: borrow one training piece rather than crash
+            if not self.splits[s]:
+                self.splits[s] = self.splits["train"][-1:]
+                self.names[s] = self.names["train"][-1:]
+        log.info("MIDI pieces per split: %s", {k: len(v) for k, v in self.splits.items()})
+
+    # -- loaders ----------------------------------------------------------------------------
+    def collate(self, seqs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        t = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), t), self.tokenizer.pad_id, dtype=torch.long)  # [B, T]
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = s
+        return {"ids": ids, "loss_mask": ids != self.tokenizer.pad_id}
+
+    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate,
+                          num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(_TrainWindows(self.splits["train"], self.tokenizer, self.max_seq_len, self.max_transpose), True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(_EvalWindows(self.splits["val"], self.max_seq_len), False)
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(_EvalWindows(self.splits["test"], self.max_seq_len), False)
+
+    def scores(self, split: str) -> list[Score]:
+        """The held-out pieces of a split as the tokenizer represents them (for metrics)."""
+        self.setup()
+        return [self.tokenizer.decode(torch.from_numpy(np.asarray(v[0], dtype=np.int64))) for v in self.splits[split]]

@@ -1,0 +1,318 @@
+"""MIDI event tokenizers: armodal wrappers around miditok's MIDI-Like and REMI.
+
+One token stream per piece: all pitched tracks are merged into one piano track
+(``merge_tracks=True``), then miditok turns it into events (MIDI-Like:
+``NoteOn / Velocity / NoteOff / TimeShift`` as in Music Transformer; REMI:
+``Bar / Position / Pitch / Velocity / Duration``).  The time resolution
+(``beat_res``: positions per beat for each range of beats) and the number of
+velocity bins come from config.  The miditok parameters are embedded in
+``state()`` and written next to the checkpoint as ``miditok.json``.
+
+The grammar (:meth:`MidiTokenizer.allowed_next`) is miditok's token-type graph
+(``tokens_types_graph``) plus the value rules miditok's ``tokens_errors`` checks:
+MIDI-Like ``NoteOff`` only for a sounding pitch and EOS only once every note is
+closed; REMI ``Position`` strictly increasing inside a bar.  Constrained samples
+therefore have zero grammar errors and decode to valid MIDI.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from symusic import Score, Track
+
+from armodal.modalities.base import Tokenizer
+from armodal.modalities.music.midi_io import read_midi
+
+__all__ = ["MidiTokenizer", "merge_tracks", "TOKENIZER_KINDS"]
+
+TOKENIZER_KINDS = ("midilike", "remi")
+SPECIALS = ["PAD", "BOS", "EOS"]
+MIDITOK_FILE = "miditok.json"
+
+
+def _parse_beat_res(beat_res: dict | None) -> dict[tuple[int, int], int]:
+    """{"0_4": 8, "4_12": 4} (config-friendly keys) -> {(0, 4): 8, (4, 12): 4}."""
+    if not beat_res:
+        return {(0, 4): 8, (4, 12): 4}
+    out = {}
+    for k, v in dict(beat_res).items():
+        if isinstance(k, str):
+            a, _, b = k.partition("_")
+            k = (int(a), int(b))
+        out[tuple(int(x) for x in k)] = int(v)
+    return out
+
+
+def merge_tracks(score: Score) -> Score:
+    """All pitched (non-drum) notes of ``score`` in one piano track; tempos and time signatures kept."""
+    out = Score(score.ticks_per_quarter)
+    out.tempos.extend(list(score.tempos))
+    out.time_signatures.extend(list(score.time_signatures))
+    track = Track("piano", 0, False)
+    for t in score.tracks:
+        if not t.is_drum:
+            track.notes.extend(list(t.notes))
+    track.notes.sort(key=lambda n: (n.time, n.pitch))
+    out.tracks.append(track)
+    return out
+
+
+class MidiTokenizer(Tokenizer):
+    """miditok MIDI-Like or REMI behind armodal's :class:`Tokenizer` interface.
+
+    ``encode(score | path)`` -> ids ``[BOS, events..., EOS]``; ``decode(ids)`` -> a
+    :class:`symusic.Score` (one piano track).
+    """
+
+    modality = "music"
+
+    def __init__(
+        self,
+        kind: str = "midilike",
+        beat_res: dict | None = None,
+        num_velocities: int = 8,
+        pitch_range: tuple[int, int] | list[int] = (21, 109),
+        use_time_signatures: bool = False,
+        params: dict | None = None,
+    ) -> None:
+        from miditok import REMI, MIDILike, TokenizerConfig
+
+        kind = kind.lower().replace("-", "").replace("_", "")
+        if kind not in TOKENIZER_KINDS:
+            raise ValueError(f"unknown MIDI tokenizer kind {kind!r}; choose one of {TOKENIZER_KINDS}")
+        self.kind = kind
+        cls = MIDILike if kind == "midilike" else REMI
+        if params is not None:  # rebuilt from a saved state: the exact miditok parameters
+            self.tok = cls(params=params)
+        else:
+            cfg = TokenizerConfig(
+                pitch_range=tuple(pitch_range), beat_res=_parse_beat_res(beat_res),
+                num_velocities=max(1, int(num_velocities)), use_velocities=num_velocities > 0,
+                special_tokens=list(SPECIALS), use_programs=False, remove_duplicated_notes=True, use_time_signatures=use_time_signatures,
+                use_tempos=False, use_chords=False, use_rests=False,
+            )
+            self.tok = cls(cfg)
+        self.pad_id = int(self.tok["PAD_None"])
+        self.bos_id = int(self.tok["BOS_None"])
+        self.eos_id = int(self.tok["EOS_None"])
+        self._build_tables()
+        self._cache: tuple[torch.Tensor, list] | None = None
+
+    # -- vocabulary tables ---------------------------------------------------------------
+    def _build_tables(self) -> None:
+        vocab = self.tok.vocab  # token string -> id
+        v = len(vocab)
+        self.id_to_token = [""] * v
+        for s, i in vocab.items():
+            self.id_to_token[i] = s
+        self.id_type = [s.split("_")[0] for s in self.id_to_token]
+        self.id_value = [s.split("_", 1)[1] if "_" in s else "" for s in self.id_to_token]
+        present = set(self.id_type)
+        graph = {k: {t.split("_")[0] for t in vals} & present for k, vals in self.tok.tokens_types_graph.items()}
+        unusable = {"PAD", "BOS", "DrumOn", "DrumOff", "PitchDrum"}  # never generated
+        allowed = torch.zeros(v, v, dtype=torch.bool)  # [last id, next id]
+        type_ids: dict[str, list[int]] = {}
+        for i, t in enumerate(self.id_type):
+            type_ids.setdefault(t, []).append(i)
+        for i, t in enumerate(self.id_type):
+            for nt in graph.get(t, set()) - unusable:
+                allowed[i, type_ids[nt]] = True
+        start_types = {"NoteOn", "TimeShift", "TimeSig"} if self.kind == "midilike" else {"Bar"}
+        for nt in start_types & present:
+            allowed[self.bos_id, type_ids[nt]] = True
+        allowed[:, self.pad_id] = False
+        allowed[:, self.bos_id] = False
+        self._allowed = allowed
+        self._type_ids = {k: torch.tensor(v_) for k, v_ in type_ids.items()}
+        # pitch of NoteOn / NoteOff / Pitch ids, REMI position values
+        self._pitch_of = {i: int(self.id_value[i]) for i, t in enumerate(self.id_type) if t in ("NoteOn", "NoteOff", "Pitch")}
+        self._noteoff_ids = {int(self.id_value[i]): i for i, t in enumerate(self.id_type) if t == "NoteOff"}
+        self._position_ids = torch.tensor([i for i, t in enumerate(self.id_type) if t == "Position"], dtype=torch.long)
+        self._position_val = torch.tensor([int(self.id_value[i]) for i in self._position_ids.tolist()], dtype=torch.long)
+        self._transpose_cache: dict[int, np.ndarray] = {}
+
+    # -- sizes -------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return len(self.id_to_token)
+
+    @property
+    def pitch_range(self) -> tuple[int, int]:
+        lo, hi = self.tok.config.pitch_range
+        return int(lo), int(hi)
+
+    # -- encode / decode ------------------------------------------------------------------
+    def representable(self, score: Score) -> Score:
+        """What the tokenizer can represent of ``score``: merged, resampled and quantised by miditok."""
+        return self.tok.preprocess_score(merge_tracks(score))
+
+    def encode(self, item: Any, bos: bool = True, eos: bool = True) -> torch.Tensor:
+        """A :class:`symusic.Score` or a MIDI path -> LongTensor [T] (BOS, events, EOS)."""
+        score = item if isinstance(item, Score) else read_midi(item)
+        seq = self.tok.encode(merge_tracks(score))
+        if isinstance(seq, list):
+            seq = seq[0]
+        ids = ([self.bos_id] if bos else []) + list(seq.ids) + ([self.eos_id] if eos else [])
+        return torch.tensor(ids, dtype=torch.long)
+
+    def decode(self, ids: torch.Tensor) -> Score:
+        """ids [T] -> :class:`symusic.Score` (BOS/PAD dropped, stops at the first EOS)."""
+        ids = [int(i) for i in torch.as_tensor(ids).reshape(-1).tolist()]
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        ids = [i for i in ids if i not in (self.pad_id, self.bos_id)]
+        if not ids:
+            return Score(self.tok.time_division)
+        return self.tok.decode([ids])
+
+    def to_score(self, ids: torch.Tensor, qpm: float | None = None) -> Score:
+        """ids [T] -> a playable Score (one piano track); ``qpm`` sets the tempo when given."""
+        from symusic import Tempo
+
+        score = self.decode(ids)
+        if qpm is not None:
+            score.tempos.clear()
+            score.tempos.append(Tempo(0, float(qpm)))
+        return score
+
+    def prompt_ids(self, score: Score, path: str, prompt_tokens: int | None = None,
+                   prompt_bars: float | None = None) -> torch.Tensor:
+        """A MIDI prompt -> ids (BOS, events) cut to ``prompt_bars`` bars or ``prompt_tokens`` tokens."""
+        if prompt_bars is not None:
+            tpq = score.ticks_per_quarter
+            score = score.clip(0, int(prompt_bars * 4 * tpq), clip_end=True)
+        ids = self.encode(score, bos=True, eos=False)
+        if prompt_tokens is not None:
+            ids = ids[: max(2, int(prompt_tokens))]
+            ids = self._close_prompt(ids)
+        if len(ids) <= 1:
+            raise ValueError(f"{path}: the prompt holds no events after cutting it")
+        return ids
+
+    def _close_prompt(self, ids: torch.Tensor) -> torch.Tensor:
+        """Cut a prompt back to the last position where the grammar allows a note to start."""
+        while len(ids) > 1 and not self.allowed_next(ids[None])[0, self._type_ids.get("NoteOn", self._type_ids.get("Pitch"))].any():
+            ids = ids[:-1]
+        self._cache = None
+        return ids
+
+    # -- augmentation ---------------------------------------------------------------------
+    def transpose_ids(self, ids: np.ndarray, shift: int) -> np.ndarray | None:
+        """Shift every pitch token by ``shift`` semitones; None when a pitch would leave the range."""
+        if shift == 0:
+            return ids
+        table = self._transpose_cache.get(shift)
+        if table is None:
+            table = np.arange(self.vocab_size)
+            vocab = self.tok.vocab
+            for i, t in enumerate(self.id_type):
+                if t in ("NoteOn", "NoteOff", "Pitch"):
+                    table[i] = vocab.get(f"{t}_{int(self.id_value[i]) + shift}", -1)
+            self._transpose_cache[shift] = table
+        out = table[ids]
+        return None if (out < 0).any() else out
+
+    # -- grammar ----------------------------------------------------------------------------
+    def _new_state(self) -> dict:
+        return {"last": None, "active": Counter(), "pos": -1, "errors": 0}
+
+    def _step(self, st: dict, i: int, count: bool = False) -> None:
+        """Advance a row's grammar state by token ``i`` (counting violations when ``count``)."""
+        if count and st["last"] is not None and not self._allowed[st["last"], i]:
+            st["errors"] += 1
+        t = self.id_type[i]
+        if t == "NoteOn":
+            st["active"][self._pitch_of[i]] += 1
+        elif t == "NoteOff":
+            p = self._pitch_of[i]
+            if st["active"][p] > 0:
+                st["active"][p] -= 1
+            elif count:
+                st["errors"] += 1
+        elif t == "Bar":
+            st["pos"] = -1
+        elif t == "Position":
+            v = int(self.id_value[i])
+            if count and v <= st["pos"]:
+                st["errors"] += 1
+            st["pos"] = v
+        st["last"] = i
+
+    def _row_mask(self, st: dict) -> torch.Tensor:
+        if st["last"] is None:  # nothing yet: the row must start with BOS
+            m = torch.zeros(self.vocab_size, dtype=torch.bool)
+            m[self.bos_id] = True
+            return m
+        m = self._allowed[st["last"]].clone()
+        if self.kind == "midilike" and "NoteOff" in self._type_ids:
+            m[self._type_ids["NoteOff"]] = False
+            for p, c in st["active"].items():
+                if c > 0 and p in self._noteoff_ids and self._allowed[st["last"], self._noteoff_ids[p]]:
+                    m[self._noteoff_ids[p]] = True
+            if any(c > 0 for c in st["active"].values()):
+                m[self.eos_id] = False  # close every note before the end
+        if self.kind == "remi" and len(self._position_ids):
+            m[self._position_ids[self._position_val <= st["pos"]]] = False
+        if st["last"] == self.bos_id:
+            m[self.eos_id] = False
+        if not m.any():  # cannot happen with miditok's graphs; keep decoding alive regardless
+            m[self.eos_id] = True
+        return m
+
+    def allowed_next(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B, t] -> bool [B, V] allowed next tokens (type graph + value rules); incremental per call."""
+        b, t = ids.shape
+        cpu = ids.detach().cpu()
+        cached = self._cache
+        if cached is not None and cached[0].shape == (b, t - 1) and torch.equal(cached[0], cpu[:, :-1]):
+            states = cached[1]
+            for r in range(b):
+                self._step(states[r], int(cpu[r, -1]))
+        else:
+            states = [self._new_state() for _ in range(b)]
+            for r in range(b):
+                for i in cpu[r].tolist():
+                    if i == self.pad_id:
+                        continue
+                    self._step(states[r], i)
+        self._cache = (cpu.clone(), states)
+        return torch.stack([self._row_mask(s) for s in states]).to(ids.device)
+
+    def grammar_errors(self, ids: torch.Tensor) -> int:
+        """Violations of the grammar in one sequence (types, NoteOff without NoteOn, positions going
+        back, notes left open at EOS); 0 for every constrained sample."""
+        ids = [int(i) for i in torch.as_tensor(ids).reshape(-1).tolist()]
+        st = self._new_state()
+        for k, i in enumerate(ids):
+            if i == self.pad_id:
+                continue
+            if i == self.bos_id:
+                st["errors"] += int(k != 0)
+                st["last"] = i
+                continue
+            if i == self.eos_id:
+                if self.kind == "midilike":
+                    st["errors"] += sum(st["active"].values())
+                break
+            self._step(st, i, count=True)
+        return int(st["errors"])
+
+    # -- persistence -------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"kind": self.kind, "params": json.loads(json.dumps(self.tok.to_dict(), default=str))}
+
+    def save_extra(self, directory: Path) -> None:
+        self.tok.save(Path(directory) / MIDITOK_FILE)
+
+    @classmethod
+    def from_state(cls, state: dict, directory: Path) -> "MidiTokenizer":
+        path = Path(directory) / MIDITOK_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: the miditok parameters saved with this tokenizer are missing")
+        return cls(kind=state["kind"], params=path)
