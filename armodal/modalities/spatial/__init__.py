@@ -1,0 +1,48 @@
+"""Spatial gene expression from H&E, TARIO-style.
+
+A neighbourhood of spots' H&E patch features is a continuous prefix (with 2D spot
+offsets); the shared causal transformer then generates the spots' expression tokens
+(residual-VQ codes of each spot's log-expression vector, or per-gene bins).  Sampling
+K times gives each spot's prediction (mean) and uncertainty (std, 90 % interval).
+
+Readers follow scanpy's conventions: ``obsm['spatial']`` in full-resolution image
+pixels, the image and scale factors under ``uns['spatial'][library_id]``.
+"""
+
+from armodal.modalities.spatial._conditioner import SpatialConditioner
+from armodal.modalities.spatial._data import SpatialDataModule, neighbourhoods
+from armodal.modalities.spatial._features import FeatureConfig, FeatureExtractor, build_backbone, train_simclr
+from armodal.modalities.spatial._io import (
+    SpatialDataError,
+    apply_panel,
+    load_image,
+    load_panel,
+    normalize_log1p,
+    read_h5ad_section,
+    read_her2st,
+    read_section,
+    read_visium,
+    select_hvg_panel,
+)
+from armodal.modalities.spatial._patches import augment, extract_patches, hed_to_rgb, patch_boxes, rgb_to_hed
+from armodal.modalities.spatial._predict import (
+    HISTOGENE_PCC,
+    interval_coverage,
+    pearson_per_gene,
+    plot_maps,
+    prediction_adata,
+    ridge_baseline,
+    sample_section,
+)
+from armodal.modalities.spatial._sampler import SpatialEvaluator, SpatialSampler, predict_section
+from armodal.modalities.spatial._tokenizer import BinnedExpressionTokenizer, ExpressionTokenizer, RVQExpressionTokenizer
+
+__all__ = [
+    "BinnedExpressionTokenizer", "ExpressionTokenizer", "FeatureConfig", "FeatureExtractor", "HISTOGENE_PCC",
+    "RVQExpressionTokenizer", "SpatialConditioner", "SpatialDataError", "SpatialDataModule", "SpatialEvaluator",
+    "SpatialSampler", "apply_panel", "augment", "build_backbone", "extract_patches", "hed_to_rgb",
+    "interval_coverage", "load_image", "load_panel", "neighbourhoods", "normalize_log1p", "patch_boxes",
+    "pearson_per_gene", "plot_maps", "predict_section", "prediction_adata", "read_h5ad_section", "read_her2st",
+    "read_section", "read_visium", "rgb_to_hed", "ridge_baseline", "sample_section", "select_hvg_panel",
+    "train_simclr",
+]

@@ -1,0 +1,264 @@
+"""Expression tokenizers: one spot's log-expression vector [G] <-> a few ids.
+
+Two schemes, fitted on training spots only:
+
+* :class:`RVQExpressionTokenizer` -- residual vector quantisation of the per-gene
+  standardised vector: level q picks the nearest of K k-means centroids of what the
+  previous levels left; a spot is Q tokens.  Short sequences, so a neighbourhood of
+  spots fits.  ``decode(..., noise=True)`` adds a training residual (bootstrap) so that
+  samples carry the measurement spread the codebooks cannot represent.
+* :class:`BinnedExpressionTokenizer` -- every gene's value in a fixed gene order,
+  binned per gene (a zero bin plus quantile bins of the non-zero values); a spot is G
+  tokens, the type stream carries the gene index.
+
+A sequence is the concatenation of ``n`` spots' tokens (centre spot first).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from armodal.modalities.base import Tokenizer
+
+__all__ = ["ExpressionTokenizer", "RVQExpressionTokenizer", "BinnedExpressionTokenizer"]
+
+
+class ExpressionTokenizer(Tokenizer):
+    """Shared part: ids are ``1 + code``; ``pad_id = 0``; no BOS (the H&E prefix precedes)."""
+
+    modality = "spatial"
+    pad_id = 0
+    bos_id = None
+    eos_id = None
+    tokens_per_spot: int
+    genes: list[str]
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.genes)
+
+    def encode(self, item) -> torch.Tensor:
+        """Expression [N, G] (log1p, panel order) -> ids [N * tokens_per_spot]."""
+        x = np.asarray(item, dtype=np.float32)
+        if x.ndim == 1:
+            x = x[None]
+        if x.shape[1] != self.n_genes:
+            raise ValueError(f"expression has {x.shape[1]} genes, the tokenizer's panel has {self.n_genes}")
+        if not np.isfinite(x).all():
+            raise ValueError(f"{int((~np.isfinite(x)).sum())} non-finite expression value(s)")
+        return torch.from_numpy(self.encode_codes(x).reshape(-1) + 1).long()
+
+    def decode(self, ids: torch.Tensor, noise: bool = False, generator: np.random.Generator | None = None) -> np.ndarray:
+        """ids [N * tokens_per_spot] (pads dropped) -> expression [N, G] (log1p, >= 0)."""
+        ids = torch.as_tensor(ids).reshape(-1)
+        ids = ids[ids != self.pad_id].cpu().numpy() - 1
+        n = len(ids) // self.tokens_per_spot
+        codes = ids[: n * self.tokens_per_spot].reshape(n, self.tokens_per_spot)
+        return self.decode_codes(codes, noise=noise, generator=generator)
+
+    def decode_batch(self, ids: torch.Tensor, noise: bool = False, generator: np.random.Generator | None = None) -> np.ndarray:
+        """ids [B, k * tokens_per_spot] (no pads) -> [B, k, G]."""
+        ids = ids.cpu().numpy() - 1
+        b = ids.shape[0]
+        codes = ids.reshape(b, -1, self.tokens_per_spot)
+        out = self.decode_codes(codes.reshape(-1, self.tokens_per_spot), noise=noise, generator=generator)
+        return out.reshape(b, -1, self.n_genes)
+
+    # hooks
+    def encode_codes(self, x: np.ndarray) -> np.ndarray:  # [N, G] -> [N, tps] codes (0-based, level-offset)
+        raise NotImplementedError
+
+    def decode_codes(self, codes: np.ndarray, noise: bool, generator) -> np.ndarray:  # [N, tps] -> [N, G]
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- residual VQ
+class RVQExpressionTokenizer(ExpressionTokenizer):
+    """Residual VQ with ``n_levels`` codebooks of ``codebook_size`` k-means centroids each.
+
+    Token id for level q, code c: ``1 + q * K + c``.  ``types`` = position in the
+    expression segment (slot * Q + level, ``n_slots`` spots per sequence); the grammar
+    only allows level-q ids at level-q positions.
+    """
+
+    def __init__(self, genes, mean, std, codebooks, residuals, stats: dict | None = None, n_slots: int = 1) -> None:
+        self.n_slots = int(n_slots)
+        self.genes = list(genes)
+        self.mean = np.asarray(mean, np.float32)  # [G]
+        self.std = np.asarray(std, np.float32)  # [G]
+        self.codebooks = np.asarray(codebooks, np.float32)  # [Q, K, G] in standardised units
+        self.residuals = np.asarray(residuals, np.float32)  # [n_train, G] standardised training residuals
+        self.stats = dict(stats or {})
+        self.tokens_per_spot = self.codebooks.shape[0]
+
+    @property
+    def n_levels(self) -> int:
+        return self.codebooks.shape[0]
+
+    @property
+    def codebook_size(self) -> int:
+        return self.codebooks.shape[1]
+
+    @property
+    def vocab_size(self) -> int:
+        return 1 + self.n_levels * self.codebook_size
+
+    @property
+    def num_types(self) -> int:
+        return self.n_slots * self.n_levels
+
+    @classmethod
+    def fit(cls, x: np.ndarray, genes, n_levels: int = 4, codebook_size: int = 32, seed: int = 0,
+            n_slots: int = 1) -> "RVQExpressionTokenizer":
+        """Fit on training spots ``x`` [N, G] (log1p)."""
+        from sklearn.cluster import KMeans
+
+        x = np.asarray(x, np.float32)
+        mean, std = x.mean(0), x.std(0) + 1e-3
+        r = (x - mean) / std
+        books, rms = [], []
+        for q in range(n_levels):
+            k = min(codebook_size, len(np.unique(r, axis=0)))
+            km = KMeans(n_clusters=k, n_init=3, random_state=seed + q).fit(r)
+            c = km.cluster_centers_.astype(np.float32)
+            if k < codebook_size:  # pad with copies so every level has K entries
+                c = np.concatenate([c, np.repeat(c[:1], codebook_size - k, 0)])
+            books.append(c)
+            r = r - c[km.labels_]
+            rms.append(float(np.sqrt((r**2).mean())))
+        stats = {"train_rms_after_level": rms}
+        tok = cls(genes, mean, std, np.stack(books), r, stats, n_slots)
+        tok.stats["quantisation_rms_log1p"] = float(np.sqrt(((tok.decode_codes(tok.encode_codes(x), False, None) - np.maximum(x, 0)) ** 2).mean()))
+        return tok
+
+    def encode_codes(self, x):
+        r = (x - self.mean) / self.std
+        codes = np.empty((len(x), self.n_levels), np.int64)
+        for q, book in enumerate(self.codebooks):
+            d = (r**2).sum(1, keepdims=True) - 2 * r @ book.T + (book**2).sum(1)[None]
+            c = d.argmin(1)
+            codes[:, q] = c + q * self.codebook_size
+            r = r - book[c]
+        return codes
+
+    def decode_codes(self, codes, noise=False, generator=None):
+        codes = np.asarray(codes) % self.codebook_size  # level offset removed
+        z = np.zeros((len(codes), self.n_genes), np.float32)
+        for q in range(codes.shape[1]):
+            z += self.codebooks[q][codes[:, q]]
+        if noise:
+            g = generator or np.random.default_rng()
+            z = z + self.residuals[g.integers(0, len(self.residuals), len(z))]
+        return np.maximum(z * self.std + self.mean, 0.0)
+
+    def types(self, ids: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[-1]
+        return torch.arange(t, device=ids.device).clamp(max=self.num_types - 1).expand(ids.shape[0], t)
+
+    def allowed_next(self, ids: torch.Tensor) -> torch.Tensor:
+        b, t = ids.shape
+        q = t % self.n_levels
+        mask = torch.zeros(b, self.vocab_size, dtype=torch.bool, device=ids.device)
+        mask[:, 1 + q * self.codebook_size : 1 + (q + 1) * self.codebook_size] = True
+        return mask
+
+    def state(self) -> dict:
+        return {"genes": self.genes, "stats": self.stats, "n_slots": self.n_slots}
+
+    def save_extra(self, directory: Path) -> None:
+        np.savez(Path(directory) / "rvq.npz", mean=self.mean, std=self.std, codebooks=self.codebooks, residuals=self.residuals)
+
+    @classmethod
+    def from_state(cls, state: dict, directory: Path) -> "RVQExpressionTokenizer":
+        z = np.load(Path(directory) / "rvq.npz")
+        return cls(state["genes"], z["mean"], z["std"], z["codebooks"], z["residuals"], state.get("stats"), state.get("n_slots", 1))
+
+
+# ----------------------------------------------------------------------------- per-gene bins
+class BinnedExpressionTokenizer(ExpressionTokenizer):
+    """Per-gene bins in a fixed gene order: bin 0 = zero, bins 1.. = quantiles of the non-zero values.
+
+    A value decodes to the training mean of its bin, so the round-trip error of a value is
+    at most its bin's width (``max_bin_width`` per gene).
+    """
+
+    def __init__(self, genes, edges, centres, stats: dict | None = None) -> None:
+        self.genes = list(genes)
+        self.edges = np.asarray(edges, np.float32)  # [G, B-1] upper edges of bins 1..B-2 (bin B-1 open)
+        self.centres = np.asarray(centres, np.float32)  # [G, B]
+        self.stats = dict(stats or {})
+        self.tokens_per_spot = len(self.genes)
+
+    @property
+    def n_bins(self) -> int:
+        return self.centres.shape[1]
+
+    @property
+    def vocab_size(self) -> int:
+        return 1 + self.n_bins
+
+    @property
+    def num_types(self) -> int:
+        return len(self.genes)
+
+    @classmethod
+    def fit(cls, x: np.ndarray, genes, n_bins: int = 8) -> "BinnedExpressionTokenizer":
+        x = np.asarray(x, np.float32)
+        g = x.shape[1]
+        edges = np.zeros((g, n_bins - 2), np.float32)
+        centres = np.zeros((g, n_bins), np.float32)
+        for j in range(g):
+            nz = x[:, j][x[:, j] > 0]
+            qs = np.quantile(nz, np.linspace(0, 1, n_bins)[1:-1]) if len(nz) else np.zeros(n_bins - 2)
+            edges[j] = np.maximum.accumulate(qs)
+        tok = cls(genes, edges, centres)
+        b = tok._bin(x)
+        for j in range(g):
+            for k in range(1, n_bins):
+                sel = x[b[:, j] == k, j].astype(np.float64)
+                hi = edges[j, k - 1] if k - 1 < n_bins - 2 else np.inf
+                lo = edges[j, k - 2] if k >= 2 else 0.0
+                c = sel.mean() if len(sel) else (hi if np.isfinite(hi) else lo)
+                # keep the centre inside its bin so that decoded values re-encode to the same bin
+                centres[j, k] = np.float32(min(max(c, np.nextafter(np.float32(lo), np.float32(np.inf))), hi))
+        tok.centres = centres
+        hi = np.concatenate([np.zeros((g, 1)), edges, x.max(0)[:, None]], 1)
+        tok.stats = {"max_bin_width": float(np.diff(hi, axis=1).max()),
+                     "quantisation_rms_log1p": float(np.sqrt(((tok.decode_codes(b, False, None) - x) ** 2).mean()))}
+        return tok
+
+    def _bin(self, x: np.ndarray) -> np.ndarray:
+        out = np.zeros(x.shape, np.int64)
+        for j in range(x.shape[1]):
+            out[:, j] = np.where(x[:, j] > 0, 1 + np.searchsorted(self.edges[j], x[:, j], side="left"), 0)
+        return out
+
+    def encode_codes(self, x):
+        return self._bin(x)
+
+    def decode_codes(self, codes, noise=False, generator=None):
+        codes = np.asarray(codes)
+        return self.centres[np.arange(codes.shape[1])[None], codes]
+
+    def types(self, ids: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[-1]
+        return (torch.arange(t, device=ids.device) % self.n_genes).expand(ids.shape[0], t)
+
+    def allowed_next(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = torch.ones(ids.shape[0], self.vocab_size, dtype=torch.bool, device=ids.device)
+        mask[:, self.pad_id] = False
+        return mask
+
+    def state(self) -> dict:
+        return {"genes": self.genes, "stats": self.stats}
+
+    def save_extra(self, directory: Path) -> None:
+        np.savez(Path(directory) / "bins.npz", edges=self.edges, centres=self.centres)
+
+    @classmethod
+    def from_state(cls, state: dict, directory: Path) -> "BinnedExpressionTokenizer":
+        z = np.load(Path(directory) / "bins.npz")
+        return cls(state["genes"], z["edges"], z["centres"], state.get("stats"))
