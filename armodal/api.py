@@ -178,5 +178,5 @@ def load(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = T
         if cond is not None:
             cond.load_state_dict(_sub_state(state, prefix + "conditioner."))
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not match the saved model config ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: weights do not match the saved model config ({' '.join(str(e).split())[:300]})") from None
     return ARModel(net, tokenizer, cond, cfg, str(path)).to(device).eval()

@@ -76,7 +76,7 @@ def evaluate(cfg: DictConfig) -> dict:
             metrics["test"] = dataset_nll(model, test_loader, mb)
     out = Path(cfg.out) if cfg.get("out") else ckpt.parent.parent / "eval_metrics.json"
     if saved.modality.get("evaluator") is not None and cfg.get("domain_metrics", True):
-        evaluator = instantiate(saved.modality.evaluator, **OmegaConf.to_container(cfg.get("evaluator") or {}, resolve=True))
+        evaluator = instantiate(saved.modality.evaluator, **OmegaConf.to_container(OmegaConf.create(cfg.get("evaluator") or {}), resolve=True))
         metrics.update(evaluator(model=model, datamodule=dm, out_dir=out.parent, num_samples=cfg.num_samples))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2, default=str))
@@ -85,7 +85,7 @@ def evaluate(cfg: DictConfig) -> dict:
     return metrics
 
 
-main = main_wrapper(evaluate, "eval", argv_groups=("data", "evaluator"))
+main = main_wrapper(evaluate, "eval")
 
 if __name__ == "__main__":
     main()

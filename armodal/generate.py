@@ -38,7 +38,7 @@ def generate(cfg: DictConfig) -> dict:
     ckpt = Path(cfg.ckpt).resolve()
     out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else ckpt.parent.parent / "samples" / f"generate_{timestamp()}"
     overrides = {k: cfg[k] for k in SAMPLING_KEYS if cfg.get(k) is not None}
-    extra = OmegaConf.to_container(cfg.get("sampler") or {}, resolve=True)
+    extra = OmegaConf.to_container(OmegaConf.create(cfg.get("sampler") or {}), resolve=True)
     sampler = model.sampler(**extra)
     torch.manual_seed(cfg.seed if cfg.get("seed") is not None else 0)
     summary = sampler(model, int(cfg.num_samples), out_dir, **overrides)
@@ -50,7 +50,7 @@ def generate(cfg: DictConfig) -> dict:
     return summary
 
 
-main = main_wrapper(generate, "generate", argv_groups=("sampler",))
+main = main_wrapper(generate, "generate")
 
 if __name__ == "__main__":
     main()

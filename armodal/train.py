@@ -67,8 +67,12 @@ def train(cfg: DictConfig) -> dict:
     """Train the configured experiment; returns the final metrics (also written to metrics.json)."""
     register_resolvers()
     check_config_targets(cfg, source="train config")
+    missing = [str(p) for p in (cfg.get("requires") or []) if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"experiment {cfg.name!r} needs data that is not here: {', '.join(missing)}")
     run_dir, ckpt_path = resolve_run_dir(cfg)
     os.environ["ARMODAL_RUN_DIR"] = str(run_dir)
+    os.environ.pop("ARMODAL_RESUME_CKPT", None)  # DDP child ranks read these two
     if ckpt_path is not None:
         os.environ["ARMODAL_RESUME_CKPT"] = str(ckpt_path)
         from armodal.api import load_checkpoint_meta

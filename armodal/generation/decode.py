@@ -267,6 +267,35 @@ def beam_search(
 
 
 # ----------------------------------------------------------------------------- speculative
+def verify_draft(
+    ps: list[torch.Tensor],  # k + 1 target distributions [V]
+    qs: list[torch.Tensor],  # k draft distributions [V]
+    xs: list[int],  # k draft proposals
+    generator: torch.Generator | None = None,
+    eos_id: int | None = None,
+) -> list[int]:
+    """The speculative accept/reject step: returns the accepted proposals plus one target token.
+
+    Proposal i is kept with prob ``min(1, p_i(x)/q_i(x))``; at the first rejection a token is drawn
+    from ``norm(max(0, p_i - q_i))`` and the step ends; if all are kept, one more is drawn from p_k.
+    """
+    dev = "cpu" if generator is None else generator.device
+    out: list[int] = []
+    for i, x in enumerate(xs):
+        px, qx = ps[i][x].item(), qs[i][x].item()
+        if qx > 0 and torch.rand((), generator=generator, device=dev).item() < min(1.0, px / qx):
+            out.append(x)
+            if eos_id is not None and x == eos_id:
+                return out
+            continue
+        resid = (ps[i] - qs[i]).clamp_min(0)
+        resid = resid / resid.sum() if resid.sum() > 0 else ps[i]
+        out.append(torch.multinomial(resid, 1, generator=generator).item())
+        return out
+    out.append(torch.multinomial(ps[len(xs)], 1, generator=generator).item())
+    return out
+
+
 @torch.no_grad()
 def speculative_generate(
     target,
@@ -308,9 +337,6 @@ def speculative_generate(
         pos = torch.arange(start, start + toks.shape[1], device=dev)
         return model(toks, types=typ, input_pos=pos, kv_len=start + toks.shape[1])
 
-    def rand():
-        return torch.rand((), generator=generator, device="cpu" if generator is None else generator.device).item()
-
     with _Caches(target, 1, total), _Caches(draft, 1, total):
         n = seq.shape[1]
         seq_ext = seq
@@ -334,24 +360,12 @@ def speculative_generate(
             logits = fwd(target, seq_ext[:, n - 1 :], n - 1)[0]  # [k + 1, V]
             target_calls += 1
             ps = [dist(logits[i : i + 1], seq_ext[:, : n + i]) for i in range(k + 1)]
-            out = []
-            for i in range(k):
-                px, qx = ps[i][xs[i]].item(), qs[i][xs[i]].item()
-                proposed += 1
-                if qx > 0 and rand() < min(1.0, px / qx):
-                    out.append(xs[i])
-                    accepted += 1
-                    if eos_id is not None and xs[i] == eos_id:
-                        break
-                    continue
-                resid = (ps[i] - qs[i]).clamp_min(0)
-                resid = resid / resid.sum() if resid.sum() > 0 else ps[i]
-                out.append(torch.multinomial(resid, 1, generator=generator).item())
-                break
-            else:
-                out.append(torch.multinomial(ps[k], 1, generator=generator).item() if not sampling.is_greedy else ps[k].argmax().item())
-                if k > 0:  # the draft never saw its last proposal: feed it so its cache is complete
-                    fwd(draft, seq_ext[:, -1:], n - 1 + k)
+            out = verify_draft(ps, qs, xs, generator, eos_id)
+            n_acc = next((i for i, (a, b) in enumerate(zip(out, xs)) if a != b), min(len(out), k))
+            accepted += n_acc
+            proposed += k
+            if n_acc == k and len(out) == k + 1 and k > 0:  # all accepted: the draft never saw its last proposal
+                fwd(draft, seq_ext[:, -1:], n - 1 + k)
             if eos_id is not None and eos_id in out:
                 out = out[: out.index(eos_id) + 1]
             out = out[: max_new_tokens - new]

@@ -15,6 +15,10 @@ ROOT_DIR = Path(__file__).resolve().parents[2]
 CONF_DIR = ROOT_DIR / "conf"
 
 
+# config -> override groups whose keys may be added from the command line (data.batch_size=8 ...)
+OPEN_GROUPS = {"generate": ("sampler",), "eval": ("data", "evaluator")}
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("armodal_root"):
         OmegaConf.register_new_resolver("armodal_root", lambda: str(ROOT_DIR))
@@ -46,7 +50,7 @@ def is_child_rank() -> bool:
     return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
 
 
-def main_wrapper(fn, config_name: str, argv_groups: tuple[str, ...] = ()):
+def main_wrapper(fn, config_name: str):
     """Build a thin ``@hydra.main`` entry point around ``fn(cfg)``."""
     import hydra
 
@@ -60,8 +64,7 @@ def main_wrapper(fn, config_name: str, argv_groups: tuple[str, ...] = ()):
         import shlex
 
         os.environ["ARMODAL_COMMAND"] = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
-        if argv_groups:
-            sys.argv[1:] = force_add_overrides(sys.argv[1:], argv_groups)
+        sys.argv[1:] = force_add_overrides(sys.argv[1:], OPEN_GROUPS.get(config_name, ()))
         _main()
 
     return main

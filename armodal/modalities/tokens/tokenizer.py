@@ -27,14 +27,13 @@ class TokensTokenizer(Tokenizer):
             raise ValueError(f"vocabulary must have at least one symbol, got {n_symbols}")
         self.n_symbols = int(n_symbols)
         self.tokens = list(tokens) if tokens is not None else None
+        specials = {"pad": pad, "bos": bos, "eos": eos}
         nxt = self.n_symbols
-        self.pad_id = pad if pad is not None else nxt
-        nxt += pad is None
-        self.bos_id = bos if bos is not None else nxt
-        nxt += bos is None
-        self.eos_id = eos if eos is not None else nxt
-        nxt += eos is None
-        self._vocab_size = nxt
+        for name, value in specials.items():  # unnamed specials follow the user's symbols
+            if value is None:
+                specials[name], nxt = nxt, nxt + 1
+        self.pad_id, self.bos_id, self.eos_id = specials["pad"], specials["bos"], specials["eos"]
+        self._vocab_size = max(nxt, *(v + 1 for v in specials.values()))
 
     @classmethod
     def from_vocab_file(cls, path: str | Path) -> "TokensTokenizer":
