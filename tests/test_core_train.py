@@ -162,3 +162,27 @@ def test_ddp_two_cpu_processes_over_gloo(tmp_path):
     assert "[armodal] done" in out, out[-3000:]
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["global_step"] == 6 and "val/nll" in m["final"]
+
+
+def test_bf16_mixed_and_ema_training_on_cpu(tmp_path):
+    cfg = compose_cfg("train", [
+        "experiment=tokens_toy", f"modality.data.path={tmp_path / 'data'}", "trainer.max_steps=4",
+        "trainer.val_check_interval=2", "trainer.precision=bf16-mixed", "module.ema_decay=0.9",
+        "callbacks.samples.num_samples=1", "callbacks.progress.refresh_rate=0", *SMALL_NET,
+    ], tmp_path)
+    metrics = train(cfg)
+    ckpt = Path(metrics["run_dir"]) / "checkpoints" / "last.ckpt"
+    state = read_checkpoint(ckpt)["state_dict"]
+    assert any(k.startswith("ema.net.") for k in state)
+    ema = armodal.load(ckpt)  # EMA weights by default
+    raw = armodal.load(ckpt, use_ema=False)
+    w = "blocks.0.attn.wqkv.weight"
+    torch.testing.assert_close(ema.net.state_dict()[w], state[f"ema.net.{w}"])
+    torch.testing.assert_close(raw.net.state_dict()[w], state[f"net.{w}"])
+
+
+def test_unknown_config_key_is_a_clear_error(tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="trainer.max_stepz"):
+        compose_cfg("train", ["experiment=tokens_toy", "trainer.max_stepz=3"], tmp_path)
