@@ -38,17 +38,31 @@ def _types(types_fn: TypesFn | None, ids: torch.Tensor) -> torch.Tensor | None:
 
 
 class _Caches:
-    """Set up caches for a decode call and restore the model afterwards."""
+    """Set up caches for a decode call and restore the model afterwards.
+
+    A model whose caches were made persistent (``model.persistent_caches = (batch, length)``,
+    set by :class:`armodal.generation.fast.FastDecoder`) keeps them when they are large
+    enough: the same static buffers serve every call, which compiled / CUDA-graph decode
+    steps need.  Stale slots are harmless: they lie after the current position (masked)
+    and are overwritten before they are read.
+    """
 
     def __init__(self, model, batch: int, length: int) -> None:
         self.model, self.batch, self.length = model, batch, length
+        self.reuse = False
 
     def __enter__(self):
-        self.model.setup_caches(self.batch, self.length)
+        keep = getattr(self.model, "persistent_caches", None)
+        self.reuse = (
+            keep is not None and self.model.has_caches and self.batch <= keep[0] and self.length <= keep[1]
+        )
+        if not self.reuse:
+            self.model.setup_caches(self.batch, self.length)
         return self.model
 
     def __exit__(self, *exc) -> None:
-        self.model.clear_caches()
+        if not self.reuse:
+            self.model.clear_caches()
 
 
 def _check_inputs(model, ids, prefix):
@@ -151,7 +165,7 @@ def generate(
         )[:, -1]
         for step in range(max_new_tokens):
             append(choose(mix(logits)), step)
-            if finished.all() or step == max_new_tokens - 1:
+            if step == max_new_tokens - 1 or (eos_id is not None and finished.all()):  # no sync without EOS
                 break
             pos = s0 + step
             tok = dup(seq[:, -1:])

@@ -1,0 +1,130 @@
+"""Compiled decoding: a static KV cache plus a ``torch.compile``-d single-token step.
+
+The eager loop in :func:`armodal.generation.generate` slices the cache to the live
+prefix (``kv_len``) so it never attends to empty slots; that makes every step a new
+shape, which a compiled graph (and a CUDA graph above all) cannot take.  The fast
+path here keeps every shape fixed instead:
+
+* the caches are allocated once, ``max_batch`` x ``max_len`` slots per layer, and kept
+  between calls (``model.persistent_caches``), so the buffers never move;
+* the single-token step attends to the whole static cache with the causal mask row of
+  its position (no ``kv_len`` slicing inside the graph), so one graph serves every step;
+* the prompt is prefilled separately by the eager forward (variable length).
+
+On CUDA the step is compiled with ``mode="reduce-overhead"``, which captures CUDA
+graphs: one replay per token, no per-kernel launch cost.  On the CPU there are no
+graphs to capture; the step is compiled with inductor's ``freezing`` (weights become
+constants, so linear layers get prepacked oneDNN/MKL weights and the small ops fuse).
+
+Usage::
+
+    fast = FastDecoder(model, max_batch=1, max_len=512)
+    out = fast.generate(ids, max_new_tokens=256, sampling=SamplingParams(greedy=True))
+    # or plug the step into the engine yourself (with persistent caches set up):
+    generate(model, ids, max_new_tokens=..., step_fn=fast.step)
+
+The compiled step reads the weights as they are when it is first called; call
+:meth:`FastDecoder.reset` after changing them (e.g. between training and sampling).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from armodal.generation.decode import GenerationOutput, generate
+
+__all__ = ["FastDecoder", "compile_step", "default_compile_mode"]
+
+
+def default_compile_mode(device: torch.device | str) -> str:
+    """``reduce-overhead`` (CUDA graphs) on CUDA, ``freeze`` (inductor freezing) on the CPU."""
+    return "reduce-overhead" if torch.device(device).type == "cuda" else "freeze"
+
+
+def _decode_one(model, tok: torch.Tensor, typ: torch.Tensor | None, input_pos: torch.Tensor) -> torch.Tensor:
+    """One cached step over the full static cache: tok [B, 1], input_pos [1] -> logits [B, 1, V]."""
+    return model(tok, types=typ, input_pos=input_pos)
+
+
+def _fresh(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape).copy_(x)  # standard strides
+
+
+def compile_step(mode: str = "default", dynamic: bool = False):
+    """A ``step_fn(model, tok, types, input_pos)`` for :func:`generate`, compiled with ``mode``.
+
+    ``mode`` is a ``torch.compile`` mode (``default``, ``reduce-overhead``,
+    ``max-autotune``, ``max-autotune-no-cudagraphs``), ``freeze`` (inductor freezing,
+    the CPU default), or ``eager`` (no compilation: the same fixed-shape step, run
+    eagerly, as a reference).
+    """
+    if mode == "eager":
+        fn = _decode_one
+    elif mode == "freeze":
+        fn = torch.compile(_decode_one, fullgraph=True, dynamic=dynamic, options={"freezing": True})
+    else:
+        fn = torch.compile(_decode_one, mode=mode, fullgraph=True, dynamic=dynamic)
+
+    def step(model, tok, typ, input_pos):
+        # fresh contiguous inputs: the engine hands views of its growing sequence, whose
+        # strides change every step and would otherwise trigger a recompile each time
+        # (``.contiguous()`` is not enough: a [1, 1] view counts as contiguous whatever its strides)
+        return fn(model, _fresh(tok), None if typ is None else _fresh(typ), input_pos)
+
+    step.compiled = fn
+    return step
+
+
+class FastDecoder:
+    """Static-cache, compiled-step decoding for one model (see the module docstring).
+
+    ``max_batch`` x ``max_len`` bounds every later call: rows (x2 with classifier-free
+    guidance) and prefix + prompt + new tokens.  Keep ``max_len`` near what you need:
+    each step attends to all ``max_len`` slots.
+    """
+
+    def __init__(self, model, max_batch: int, max_len: int | None = None, mode: str | None = None) -> None:
+        self.model = model
+        self.max_batch = int(max_batch)
+        self.max_len = int(max_len or model.config.max_seq_len)
+        device = next(model.parameters()).device
+        self.mode = mode or default_compile_mode(device)
+        self.step = compile_step(self.mode)
+        self._setup()
+
+    def _setup(self) -> None:
+        self.model.setup_caches(self.max_batch, self.max_len)
+        self.model.persistent_caches = (self.max_batch, self.max_len)
+
+    def reset(self) -> None:
+        """Recompile from scratch (after the weights changed) and re-zero the caches."""
+        torch.compiler.reset()
+        self.step = compile_step(self.mode)
+        self._setup()
+
+    def close(self) -> None:
+        """Release the caches: the model goes back to the plain forward."""
+        self.model.persistent_caches = None
+        self.model.clear_caches()
+
+    def generate(self, ids: torch.Tensor | None = None, **kwargs) -> GenerationOutput:
+        """:func:`armodal.generation.generate` with the compiled step; same arguments."""
+        if kwargs.get("use_cache", True) is False:
+            raise ValueError("FastDecoder always decodes with its static cache")
+        rows = (1 if ids is None else ids.shape[0]) * kwargs.get("num_return_sequences", 1)
+        prefix = kwargs.get("prefix")
+        if prefix is not None:
+            rows = prefix.shape[0] * kwargs.get("num_return_sequences", 1)
+        if kwargs.get("uncond_prefix") is not None and kwargs.get("cfg_scale", 1.0) != 1.0:
+            rows *= 2
+        length = (0 if ids is None else ids.shape[1]) + (0 if prefix is None else prefix.shape[1])
+        length += kwargs["max_new_tokens"]
+        if rows > self.max_batch or length > self.max_len:
+            raise ValueError(
+                f"this call needs {rows} rows x {length} positions; the decoder was built for "
+                f"max_batch={self.max_batch} x max_len={self.max_len}"
+            )
+        self.model.eval()
+        if not self.model.has_caches:  # someone cleared them: put them back
+            self._setup()
+        return generate(self.model, ids, step_fn=self.step, **kwargs)

@@ -1,0 +1,280 @@
+"""Decode benchmark: armodal vs HF GPT-2 peers, same process, same device, same shapes. Prints JSON.
+
+Contenders (all greedy, exactly ``--new`` tokens, random weights, no EOS):
+
+* ``ours``       armodal ``generate`` (eager, static KV cache sliced to the live prefix);
+* ``ours_fast``  armodal :class:`FastDecoder` (static cache, compiled single-token step:
+                 CUDA graphs on CUDA, inductor freezing on the CPU), eager prefill;
+* ``p1``         HF ``GPT2LMHeadModel.generate`` with its default (dynamic) cache;
+* ``p2``         HF with ``cache_implementation="static"`` and
+                 ``torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)``;
+* ``p3``         a plain no-cache loop recomputing the whole prefix each step
+                 (armodal ``generate(use_cache=False)``), timed over ``--p3-new`` tokens.
+
+Contenders are interleaved (ours, p1, ..., ours, p1, ...) ``--repeats`` times and the
+median is reported, so background load hits all of them alike.
+
+Per contender: tokens/s (batch x new tokens / wall time), ms per decode step
+((total - ttft) / (new - 1)), time to first token (prefill + first token), peak memory
+(CUDA allocator peak, or sampled RSS growth on the CPU) and, at batch 1, memory-bandwidth
+utilisation: (weight bytes + KV bytes read per step) / step time / peak bandwidth.
+
+    python scripts/bench_generate.py --sizes small --batch 1 --prompt 16
+    python scripts/bench_generate.py --device cuda --sizes small,base,medium --batch 1,64 --prompt 16,512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from bench_common import (  # noqa: E402
+    PEAK_BW_GBS, PeakMemory, build_hf, build_ours, environment, load_average, measure_bandwidth, median,
+    model_shape, param_report, sync,
+)
+
+from armodal.generation import SamplingParams, generate  # noqa: E402
+from armodal.generation.fast import FastDecoder  # noqa: E402
+
+GREEDY = SamplingParams(greedy=True)
+
+
+# ----------------------------------------------------------------------------- contenders
+class Ours:
+    name = "ours"
+
+    def __init__(self, net, fast: bool, max_batch: int, max_len: int, mode: str | None):
+        self.net, self.fast = net, None
+        if fast:
+            self.name = "ours_fast"
+            self.fast = FastDecoder(net, max_batch=max_batch, max_len=max_len, mode=mode)
+
+    def run(self, ids, new):
+        if self.fast is not None:
+            return self.fast.generate(ids, max_new_tokens=new, sampling=GREEDY).ids
+        return generate(self.net, ids, max_new_tokens=new, sampling=GREEDY).ids
+
+    def close(self):
+        if self.fast is not None:
+            self.fast.close()
+
+
+class NoCache:
+    name = "p3"
+
+    def __init__(self, net):
+        self.net = net
+
+    def run(self, ids, new):
+        return generate(self.net, ids, max_new_tokens=new, sampling=GREEDY, use_cache=False).ids
+
+    def close(self):
+        pass
+
+
+class HF:
+    def __init__(self, model, static: bool):
+        self.model, self.static = model, static
+        self.name = "p2" if static else "p1"
+        gc = model.generation_config
+        gc.eos_token_id, gc.pad_token_id, gc.bos_token_id = None, 0, 0
+        if static:
+            gc.cache_implementation = "static"
+            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+
+    def run(self, ids, new):
+        with torch.inference_mode():
+            return self.model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                do_sample=False, num_beams=1,
+            )
+
+    def close(self):
+        pass
+
+
+def timed(c, ids, new, device):
+    sync(device)
+    t = time.perf_counter()
+    out = c.run(ids, new)
+    sync(device)
+    return time.perf_counter() - t, out
+
+
+# ----------------------------------------------------------------------------- bytes moved per step
+def bytes_per_step(net, batch: int, ctx: float, dtype_bytes: int) -> float:
+    """Weights read once (the tied embedding as the output head) + K and V of ``ctx`` cached positions."""
+    cfg = net.config
+    weights = sum(p.numel() for p in net.parameters()) * dtype_bytes
+    kv = 2 * cfg.n_layer * ctx * cfg.n_kv_head * cfg.head_dim * dtype_bytes * batch
+    return weights + kv
+
+
+# ----------------------------------------------------------------------------- one setting
+def bench_setting(size, batch, prompt, args, device, dtype, peak_bw, log):
+    torch.manual_seed(0)
+    net = build_ours(size, device, dtype).eval()
+    hf = build_hf(size, device, dtype).eval()
+    params = param_report(net, hf)
+    log(f"[{size}] params ours={params['ours']:,} hf={params['hf_gpt2']:,} ratio={params['ratio_ours_over_hf']}")
+    assert abs(params["ratio_ours_over_hf"] - 1) < 0.02, "contenders must have the same parameter count (2%)"
+    ids = torch.randint(0, net.config.vocab_size, (batch, prompt), device=device)
+    new = args.new
+    contenders, errors = [], {}
+    for name in args.contenders:
+        try:
+            if name == "ours":
+                contenders.append(Ours(net, False, batch, prompt + new, None))
+            elif name == "ours_fast":
+                contenders.append(Ours(net, True, batch, prompt + new, args.fast_mode))
+            elif name == "p1":
+                contenders.append(HF(hf, static=False))
+            elif name == "p2":
+                hf2 = build_hf(size, device, dtype).eval()
+                hf2.load_state_dict(hf.state_dict())
+                contenders.append(HF(hf2, static=True))
+            elif name == "p3":
+                contenders.append(NoCache(net))
+        except Exception as e:  # a peer that cannot run here is reported, not fatal
+            errors[name] = f"{type(e).__name__}: {e}"
+    res = {c.name: {"total_s": [], "ttft_s": [], "peak_mib": [], "compile_s": None} for c in contenders}
+
+    # warm-up (and compilation) outside the timed runs; first-call time recorded as compile_s
+    live = []
+    for c in contenders:
+        n = args.p3_new if c.name == "p3" else new
+        try:
+            dt, _ = timed(c, ids, min(n, 8) if c.name == "p3" else n, device)
+            dt1, _ = timed(c, ids, 1, device)
+            res[c.name]["compile_s"] = round(dt + dt1, 2)
+            live.append(c)
+            log(f"  warm {c.name}: {dt + dt1:.1f}s")
+        except Exception as e:
+            errors[c.name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            log(f"  {c.name} failed: {errors[c.name]}")
+            if args.verbose:
+                traceback.print_exc()
+            res.pop(c.name)
+
+    outs = {}
+    for r in range(args.repeats):
+        for c in live:
+            n = args.p3_new if c.name == "p3" else new
+            ttft, _ = timed(c, ids, 1, device)
+            with PeakMemory(device) as pm:
+                dt, out = timed(c, ids, n, device)
+            outs[c.name] = out
+            res[c.name]["ttft_s"].append(ttft)
+            res[c.name]["total_s"].append(dt)
+            res[c.name]["peak_mib"].append(pm.peak_mib)
+            log(f"  rep {r} {c.name}: {batch * n / dt:.1f} tok/s  ttft {ttft * 1e3:.1f} ms  peak {pm.peak_mib} MiB")
+
+    # same work: greedy tokens of ours / ours_fast / p3 agree (same weights); HF has other weights
+    agree = {}
+    if "ours" in outs:
+        for k in ("ours_fast", "p3"):
+            if k in outs:
+                m = min(outs[k].shape[1], outs["ours"].shape[1])
+                agree[f"ours_vs_{k}"] = bool(torch.equal(outs[k][:, :m], outs["ours"][:, :m]))
+
+    dtype_bytes = torch.finfo(dtype).bits // 8
+    summary = {}
+    for name, r in res.items():
+        n = args.p3_new if name == "p3" else new
+        total, ttft = median(r["total_s"]), median(r["ttft_s"])
+        step = (total - ttft) / max(n - 1, 1)
+        row = {
+            "new_tokens": n,
+            "tokens_per_s": round(batch * n / total, 2),
+            "ms_per_step": round(step * 1e3, 3),
+            "ttft_ms": round(ttft * 1e3, 2),
+            "peak_mem_mib": median(r["peak_mib"]),
+            "warmup_compile_s": r["compile_s"],
+            "runs_total_s": [round(x, 3) for x in r["total_s"]],
+        }
+        if batch == 1 and name != "p3":
+            b = bytes_per_step(net, batch, prompt + n / 2, dtype_bytes)
+            row["bytes_per_step_MB"] = round(b / 1e6, 1)
+            row["achieved_GBs"] = round(b / step / 1e9, 2)
+            row["bandwidth_utilisation"] = round(b / step / 1e9 / peak_bw, 4)
+        summary[name] = row
+    ratios = {}
+    for mine in ("ours", "ours_fast"):
+        for peer in ("p1", "p2", "p3"):
+            if mine in summary and peer in summary:
+                ratios[f"{mine}_over_{peer}_tokens_per_s"] = round(
+                    summary[mine]["tokens_per_s"] / summary[peer]["tokens_per_s"], 3)
+    for c in contenders:
+        c.close()
+    return {"size": size, "shape": model_shape(size), "batch": batch, "prompt": prompt, "params": params,
+            "results": summary, "ratios": ratios, "greedy_outputs_agree": agree, "errors": errors,
+            "load_average": load_average()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="small", help="comma list of conf/model presets: small,base,medium")
+    ap.add_argument("--batch", default="1", help="comma list of batch sizes, e.g. 1,64")
+    ap.add_argument("--prompt", default="16", help="comma list of prompt lengths, e.g. 16,512")
+    ap.add_argument("--new", type=int, default=256, help="new tokens per sequence")
+    ap.add_argument("--p3-new", type=int, default=None, help="new tokens for the no-cache loop (default --new)")
+    ap.add_argument("--contenders", default="ours,ours_fast,p1,p2,p3")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--peak-bw", type=float, default=None,
+                    help="peak memory bandwidth GB/s (default: 3350 on CUDA, measured on the CPU)")
+    ap.add_argument("--fast-mode", default=None, help="torch.compile mode of ours_fast (default per device)")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    args.p3_new = args.p3_new or args.new
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_float32_matmul_precision("high")  # TF32 on GPUs; no effect on CPU fp32
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    env = environment(device)
+    bw = measure_bandwidth(device) if device.type == "cpu" else None
+    peak_bw = args.peak_bw or (bw["peak_GBs"] if bw else PEAK_BW_GBS["cuda"])
+    log(f"env {env}  bandwidth {bw}  peak_bw {peak_bw} GB/s")
+    runs = []
+    for size in args.sizes.split(","):
+        for batch in map(int, args.batch.split(",")):
+            for prompt in map(int, args.prompt.split(",")):
+                runs.append(bench_setting(size, batch, prompt, args, device, dtype, peak_bw, log))
+    report = {
+        "benchmark": "generate",
+        "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
+        "env": env,
+        "dtype": args.dtype,
+        "new_tokens": args.new,
+        "memory_bandwidth": bw,
+        "peak_bandwidth_GBs": peak_bw,
+        "peak_bandwidth_source": "flag" if args.peak_bw else ("measured" if bw else "H100 SXM spec"),
+        "runs": runs,
+        "load_average_end": load_average(),
+    }
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
