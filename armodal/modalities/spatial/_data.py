@@ -39,7 +39,7 @@ from armodal.modalities.spatial._io import (
 from armodal.modalities.spatial._patches import extract_patches, patch_plan
 from armodal.modalities.spatial._tokenizer import BinnedExpressionTokenizer, ExpressionTokenizer, RVQExpressionTokenizer
 
-__all__ = ["SpatialDataModule", "neighbourhoods", "collate"]
+__all__ = ["SpatialDataModule", "neighbourhoods"]
 
 log = logging.getLogger(__name__)
 
@@ -62,24 +62,25 @@ def neighbourhoods(xy: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, (xy[idx] - xy[:, None]) / spacing
 
 
-def collate(items: list[dict]) -> dict:
-    return {
-        "ids": torch.stack([it["ids"] for it in items]),
-        "types": torch.stack([it["types"] for it in items]),
-        "cond": {k: torch.stack([it["cond"][k] for it in items]) for k in items[0]["cond"]},
-    }
-
-
 class _SpotDataset(Dataset):
-    def __init__(self, dm: "SpatialDataModule", spots: list[tuple[str, int]], train: bool) -> None:
-        self.dm, self.spots, self.train = dm, spots, train
+    """(section, spot index) pairs; the batch is assembled, vectorised, by ``SpatialDataModule.batch``."""
+
+    def __init__(self, spots: list[tuple[str, int]]) -> None:
+        self.spots = spots
 
     def __len__(self) -> int:
         return len(self.spots)
 
-    def __getitem__(self, i: int) -> dict:
-        s, j = self.spots[i]
-        return self.dm.item(s, j, train=self.train)
+    def __getitem__(self, i: int) -> tuple[str, int]:
+        return self.spots[i]
+
+
+class _Collate:
+    def __init__(self, dm: "SpatialDataModule", train: bool) -> None:
+        self.dm, self.train = dm, train
+
+    def __call__(self, spots: list[tuple[str, int]]) -> dict:
+        return self.dm.batch(spots, train=self.train)
 
 
 class SpatialDataModule(pl.LightningDataModule):
@@ -115,7 +116,7 @@ class SpatialDataModule(pl.LightningDataModule):
             raise SpatialDataError("no training section left")
         self.panel_path, self.n_hvg = panel, n_hvg
         self.on_missing_genes, self.on_mismatch = on_missing_genes, on_mismatch
-        self.tok_cfg = {"kind": "rvq", "n_levels": 4, "codebook_size": 32, "n_bins": 8, **(tokenizer or {})}
+        self.tok_cfg = {"kind": "rvq", "n_levels": 4, "codebook_size": 32, "pca_dim": 0, "n_bins": 8, **(tokenizer or {})}
         known = {f.name for f in fields(FeatureConfig)}
         unknown = set(features or {}) - known
         if unknown:
@@ -162,6 +163,7 @@ class SpatialDataModule(pl.LightningDataModule):
         self.feat_dim = self.extractor.dim
 
         self.nbr = {s: neighbourhoods(np.asarray(a.obsm["spatial"]), self.neighbours) for s, a in self.adatas.items()}
+        self.nbr_t = {s: (torch.as_tensor(i), torch.as_tensor(o, dtype=torch.float32)) for s, (i, o) in self.nbr.items()}
 
         # split training spots into train / val (val: monitoring only)
         rng = np.random.default_rng(self.seed)
@@ -175,10 +177,12 @@ class SpatialDataModule(pl.LightningDataModule):
             val_spots = train_spots[:1]
         self.train_spots, self.val_spots = train_spots, val_spots
         x_fit = np.concatenate([self.expr[s][[j for (t, j) in train_spots if t == s]] for s in self.train_sections])
+        g_fit = np.concatenate([[s] * sum(t == s for t, _ in train_spots) for s in self.train_sections])
         if self.tok_cfg["kind"] == "rvq":
             self.tokenizer = RVQExpressionTokenizer.fit(x_fit, self.genes, n_levels=self.tok_cfg["n_levels"],
                                                         codebook_size=self.tok_cfg["codebook_size"], seed=self.seed,
-                                                        n_slots=self.neighbours + 1)
+                                                        n_slots=self.neighbours + 1, groups=g_fit,
+                                                        pca_dim=self.tok_cfg["pca_dim"])
         elif self.tok_cfg["kind"] == "binned":
             self.tokenizer = BinnedExpressionTokenizer.fit(x_fit, self.genes, n_bins=self.tok_cfg["n_bins"])
         else:
@@ -195,40 +199,47 @@ class SpatialDataModule(pl.LightningDataModule):
         """Prefix + token positions of one sequence."""
         return (self.neighbours + 1) * (1 + self.tokenizer.tokens_per_spot)
 
-    def item(self, s: str, j: int, train: bool = False, generator: torch.Generator | None = None) -> dict:
-        idx, off = self.nbr[s]
-        nb = idx[j]  # [N] centre first, near-to-far
-        feats = self.feats[s]  # [V, n, F]
-        if train:
-            views = torch.randint(0, feats.shape[0], (len(nb),), generator=generator)
-            f = feats[views, torch.as_tensor(nb)]
-            pos = torch.as_tensor(off[j], dtype=torch.float32) @ _D8[int(torch.randint(0, 8, (1,), generator=generator))].T
-        else:
-            f = feats[0, torch.as_tensor(nb)]
-            pos = torch.as_tensor(off[j], dtype=torch.float32)
-        ids = self.codes[s][torch.as_tensor(nb)].reshape(-1)  # [N * tps], centre first
-        types = self.tokenizer.types(ids[None])[0]
-        return {"ids": ids, "types": types, "cond": {"feats": f.flip(0).float(), "pos": pos.flip(0)}}  # prefix: far-to-near, centre last
+    def batch(self, spots: list[tuple[str, int]], train: bool = False, generator: torch.Generator | None = None) -> dict:
+        """Sequences for centre spots [(section, index)] -> ids [B, N*tps], types, cond feats [B, N, F] / pos [B, N, 2].
+
+        Prefix order: neighbours far-to-near, centre last; tokens: centre first, then near-to-far.
+        Training draws one augmented feature view per spot and a random dihedral transform of the offsets.
+        """
+        ids, feats, pos = [], [], []
+        for s, j in spots:
+            idx, off = self.nbr_t[s]
+            nb = idx[j]  # [N]
+            if train:
+                views = torch.randint(0, self.feats[s].shape[0], (len(nb),), generator=generator)
+                feats.append(self.feats[s][views, nb])
+                pos.append(off[j] @ _D8[int(torch.randint(0, 8, (1,), generator=generator))].T)
+            else:
+                feats.append(self.feats[s][0, nb])
+                pos.append(off[j])
+            ids.append(self.codes[s][nb].reshape(-1))
+        ids_t = torch.stack(ids)  # [B, N * tps]
+        return {"ids": ids_t, "types": self.tokenizer.types(ids_t),
+                "cond": {"feats": torch.stack(feats).flip(1).float(), "pos": torch.stack(pos).flip(1)}}
 
     def section_cond(self, s: str) -> dict:
         """Conditioning for every spot of section ``s`` as the centre: feats [n, N, F], pos [n, N, 2]."""
-        items = [self.item(s, j) for j in range(len(self.expr[s]))]
-        return collate(items)["cond"]
+        return self.batch([(s, j) for j in range(len(self.expr[s]))])["cond"]
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_SpotDataset(self, self.train_spots, True), batch_size=self.batch_size, shuffle=True,
-                          drop_last=len(self.train_spots) > self.batch_size, collate_fn=collate, num_workers=self.num_workers)
+        return DataLoader(_SpotDataset(self.train_spots), batch_size=self.batch_size, shuffle=True,
+                          drop_last=len(self.train_spots) > self.batch_size, collate_fn=_Collate(self, True),
+                          num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(_SpotDataset(self, self.val_spots, False), batch_size=self.batch_size, collate_fn=collate,
+        return DataLoader(_SpotDataset(self.val_spots), batch_size=self.batch_size, collate_fn=_Collate(self, False),
                           num_workers=self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
         if self.test_section is None:
             raise SpatialDataError("no test_section configured")
         spots = [(self.test_section, j) for j in range(len(self.expr[self.test_section]))]
-        return DataLoader(_SpotDataset(self, spots, False), batch_size=self.batch_size, collate_fn=collate,
+        return DataLoader(_SpotDataset(spots), batch_size=self.batch_size, collate_fn=_Collate(self, False),
                           num_workers=self.num_workers)
 
     def state_dict(self) -> dict[str, Any]:

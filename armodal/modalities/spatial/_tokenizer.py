@@ -3,8 +3,10 @@
 Two schemes, fitted on training spots only:
 
 * :class:`RVQExpressionTokenizer` -- residual vector quantisation of the per-gene
-  standardised vector: level q picks the nearest of K k-means centroids of what the
-  previous levels left; a spot is Q tokens.  Short sequences, so a neighbourhood of
+  standardised vector (optionally of its projection on the top ``pca_dim`` principal
+  components of the training spots, which keeps the codebooks off the count noise):
+  level q picks the nearest of K k-means centroids of what the previous levels left;
+  a spot is Q tokens.  Short sequences, so a neighbourhood of
   spots fits.  ``decode(..., noise=True)`` adds a training residual (bootstrap) so that
   samples carry the measurement spread the codebooks cannot represent.
 * :class:`BinnedExpressionTokenizer` -- every gene's value in a fixed gene order,
@@ -84,12 +86,14 @@ class RVQExpressionTokenizer(ExpressionTokenizer):
     only allows level-q ids at level-q positions.
     """
 
-    def __init__(self, genes, mean, std, codebooks, residuals, stats: dict | None = None, n_slots: int = 1) -> None:
+    def __init__(self, genes, mean, std, codebooks, residuals, stats: dict | None = None, n_slots: int = 1,
+                 proj=None) -> None:
         self.n_slots = int(n_slots)
+        self.proj = None if proj is None or np.size(proj) == 0 else np.asarray(proj, np.float32)  # [d, G] PCA rows
         self.genes = list(genes)
         self.mean = np.asarray(mean, np.float32)  # [G]
         self.std = np.asarray(std, np.float32)  # [G]
-        self.codebooks = np.asarray(codebooks, np.float32)  # [Q, K, G] in standardised units
+        self.codebooks = np.asarray(codebooks, np.float32)  # [Q, K, G or d] in standardised (PCA) units
         self.residuals = np.asarray(residuals, np.float32)  # [n_train, G] standardised training residuals
         self.stats = dict(stats or {})
         self.tokens_per_spot = self.codebooks.shape[0]
@@ -112,13 +116,54 @@ class RVQExpressionTokenizer(ExpressionTokenizer):
 
     @classmethod
     def fit(cls, x: np.ndarray, genes, n_levels: int = 4, codebook_size: int = 32, seed: int = 0,
-            n_slots: int = 1) -> "RVQExpressionTokenizer":
-        """Fit on training spots ``x`` [N, G] (log1p)."""
-        from sklearn.cluster import KMeans
+            n_slots: int = 1, groups: np.ndarray | None = None, pca_dim: int = 0) -> "RVQExpressionTokenizer":
+        """Fit on training spots ``x`` [N, G] (log1p).
 
+        ``groups`` (e.g. the section of each spot): the residual pool used by
+        ``decode(noise=True)`` is then cross-fitted -- each group's residuals come from
+        codebooks fitted on the other groups -- so the added spread matches the quantiser's
+        error on unseen sections rather than its (smaller) error on its own training spots.
+        """
         x = np.asarray(x, np.float32)
         mean, std = x.mean(0), x.std(0) + 1e-3
-        r = (x - mean) / std
+        proj = cls._pca((x - mean) / std, pca_dim)
+        books, _, rms = cls._fit_books(cls._project((x - mean) / std, proj), n_levels, codebook_size, seed)
+        probe = cls(genes, mean, std, books, np.zeros((1, x.shape[1]), np.float32), proj=proj)
+        r = (x - mean) / std - (probe.decode_codes(probe.encode_codes(x), False, None, clip=False) - mean) / std
+        stats = {"train_rms_after_level": rms, "residuals": "in-sample", "pca_dim": int(pca_dim)}
+        if groups is not None and len(np.unique(groups)) > 1:
+            groups = np.asarray(groups)
+            pool = []
+            for g in np.unique(groups):
+                tr = groups != g
+                m, sd = x[tr].mean(0), x[tr].std(0) + 1e-3
+                pj = cls._pca((x[tr] - m) / sd, pca_dim)
+                b, _, _ = cls._fit_books(cls._project((x[tr] - m) / sd, pj), n_levels, codebook_size, seed)
+                other = cls(genes, m, sd, b, np.zeros((1, x.shape[1]), np.float32), proj=pj)
+                rec_z = (other.decode_codes(other.encode_codes(x[~tr]), False, None, clip=False) - mean) / std
+                pool.append((x[~tr] - mean) / std - rec_z)
+            r = np.concatenate(pool)
+            stats["residuals"] = "cross-fitted over groups"
+        tok = cls(genes, mean, std, books, r, stats, n_slots, proj)
+        tok.stats["quantisation_rms_log1p"] = float(np.sqrt(((tok.decode_codes(tok.encode_codes(x), False, None) - np.maximum(x, 0)) ** 2).mean()))
+        return tok
+
+    @staticmethod
+    def _pca(z: np.ndarray, dim: int) -> np.ndarray | None:
+        if not dim or dim >= z.shape[1]:
+            return None
+        from sklearn.decomposition import PCA
+
+        return PCA(n_components=min(dim, len(z) - 1), random_state=0).fit(z).components_.astype(np.float32)
+
+    @staticmethod
+    def _project(z: np.ndarray, proj: np.ndarray | None) -> np.ndarray:
+        return z if proj is None else z @ proj.T
+
+    @staticmethod
+    def _fit_books(r: np.ndarray, n_levels: int, codebook_size: int, seed: int):
+        from sklearn.cluster import KMeans
+
         books, rms = [], []
         for q in range(n_levels):
             k = min(codebook_size, len(np.unique(r, axis=0)))
@@ -129,13 +174,10 @@ class RVQExpressionTokenizer(ExpressionTokenizer):
             books.append(c)
             r = r - c[km.labels_]
             rms.append(float(np.sqrt((r**2).mean())))
-        stats = {"train_rms_after_level": rms}
-        tok = cls(genes, mean, std, np.stack(books), r, stats, n_slots)
-        tok.stats["quantisation_rms_log1p"] = float(np.sqrt(((tok.decode_codes(tok.encode_codes(x), False, None) - np.maximum(x, 0)) ** 2).mean()))
-        return tok
+        return np.stack(books), r, rms
 
     def encode_codes(self, x):
-        r = (x - self.mean) / self.std
+        r = self._project((x - self.mean) / self.std, self.proj)
         codes = np.empty((len(x), self.n_levels), np.int64)
         for q, book in enumerate(self.codebooks):
             d = (r**2).sum(1, keepdims=True) - 2 * r @ book.T + (book**2).sum(1)[None]
@@ -144,15 +186,18 @@ class RVQExpressionTokenizer(ExpressionTokenizer):
             r = r - book[c]
         return codes
 
-    def decode_codes(self, codes, noise=False, generator=None):
+    def decode_codes(self, codes, noise=False, generator=None, clip: bool = True):
         codes = np.asarray(codes) % self.codebook_size  # level offset removed
-        z = np.zeros((len(codes), self.n_genes), np.float32)
+        z = np.zeros((len(codes), self.codebooks.shape[2]), np.float32)
         for q in range(codes.shape[1]):
             z += self.codebooks[q][codes[:, q]]
+        if self.proj is not None:
+            z = z @ self.proj  # PCA coordinates -> standardised genes
         if noise:
             g = generator or np.random.default_rng()
             z = z + self.residuals[g.integers(0, len(self.residuals), len(z))]
-        return np.maximum(z * self.std + self.mean, 0.0)
+        x = z * self.std + self.mean
+        return np.maximum(x, 0.0) if clip else x
 
     def types(self, ids: torch.Tensor) -> torch.Tensor:
         t = ids.shape[-1]
@@ -169,12 +214,14 @@ class RVQExpressionTokenizer(ExpressionTokenizer):
         return {"genes": self.genes, "stats": self.stats, "n_slots": self.n_slots}
 
     def save_extra(self, directory: Path) -> None:
-        np.savez(Path(directory) / "rvq.npz", mean=self.mean, std=self.std, codebooks=self.codebooks, residuals=self.residuals)
+        np.savez(Path(directory) / "rvq.npz", mean=self.mean, std=self.std, codebooks=self.codebooks, residuals=self.residuals,
+                 proj=self.proj if self.proj is not None else np.zeros(0, np.float32))
 
     @classmethod
     def from_state(cls, state: dict, directory: Path) -> "RVQExpressionTokenizer":
         z = np.load(Path(directory) / "rvq.npz")
-        return cls(state["genes"], z["mean"], z["std"], z["codebooks"], z["residuals"], state.get("stats"), state.get("n_slots", 1))
+        return cls(state["genes"], z["mean"], z["std"], z["codebooks"], z["residuals"], state.get("stats"), state.get("n_slots", 1),
+                   z["proj"] if "proj" in z.files else None)
 
 
 # ----------------------------------------------------------------------------- per-gene bins
