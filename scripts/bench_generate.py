@@ -3,6 +3,7 @@
 Contenders (all greedy, exactly ``--new`` tokens, random weights, no EOS):
 
 * ``ours``       armodal ``generate`` (eager, static KV cache sliced to the live prefix);
+* ``ours_io``    ablation: the eager engine with [in, out] weight layout (``set_weight_layout``);
 * ``ours_fast``  armodal :class:`FastDecoder` (static cache, compiled single-token step:
                  CUDA graphs on CUDA, inductor freezing on the CPU), eager prefill;
 * ``p1``         HF ``GPT2LMHeadModel.generate`` with its default (dynamic) cache;
@@ -26,6 +27,7 @@ utilisation: (weight bytes + KV bytes read per step) / step time / peak bandwidt
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -42,7 +44,7 @@ from bench_common import (  # noqa: E402
 )
 
 from armodal.generation import SamplingParams, generate  # noqa: E402
-from armodal.generation.fast import FastDecoder  # noqa: E402
+from armodal.generation.fast import FastDecoder, set_weight_layout  # noqa: E402
 
 GREEDY = SamplingParams(greedy=True)
 
@@ -51,11 +53,14 @@ GREEDY = SamplingParams(greedy=True)
 class Ours:
     name = "ours"
 
-    def __init__(self, net, fast: bool, max_batch: int, max_len: int, mode: str | None):
+    def __init__(self, net, fast: bool, max_batch: int, max_len: int, mode: str | None, layout: str | None = None):
         self.net, self.fast = net, None
         if fast:
             self.name = "ours_fast"
             self.fast = FastDecoder(net, max_batch=max_batch, max_len=max_len, mode=mode)
+        elif layout:
+            self.name = "ours_io"
+            set_weight_layout(net, layout)
 
     def run(self, ids, new):
         if self.fast is not None:
@@ -132,9 +137,11 @@ def bench_setting(size, batch, prompt, args, device, dtype, peak_bw, log):
     for name in args.contenders:
         try:
             if name == "ours":
-                contenders.append(Ours(net, False, batch, prompt + new, None))
+                contenders.append(Ours(copy.deepcopy(net), False, batch, prompt + new, None))
+            elif name == "ours_io":  # ablation: eager engine with [in, out] weights
+                contenders.append(Ours(copy.deepcopy(net), False, batch, prompt + new, None, "in_out"))
             elif name == "ours_fast":
-                contenders.append(Ours(net, True, batch, prompt + new, args.fast_mode))
+                contenders.append(Ours(copy.deepcopy(net), True, batch, prompt + new, args.fast_mode))
             elif name == "p1":
                 contenders.append(HF(hf, static=False))
             elif name == "p2":
@@ -142,7 +149,7 @@ def bench_setting(size, batch, prompt, args, device, dtype, peak_bw, log):
                 hf2.load_state_dict(hf.state_dict())
                 contenders.append(HF(hf2, static=True))
             elif name == "p3":
-                contenders.append(NoCache(net))
+                contenders.append(NoCache(copy.deepcopy(net)))
         except Exception as e:  # a peer that cannot run here is reported, not fatal
             errors[name] = f"{type(e).__name__}: {e}"
     res = {c.name: {"total_s": [], "ttft_s": [], "peak_mib": [], "compile_s": None} for c in contenders}
@@ -180,7 +187,7 @@ def bench_setting(size, batch, prompt, args, device, dtype, peak_bw, log):
     # same work: greedy tokens of ours / ours_fast / p3 agree (same weights); HF has other weights
     agree = {}
     if "ours" in outs:
-        for k in ("ours_fast", "p3"):
+        for k in ("ours_io", "ours_fast", "p3"):
             if k in outs:
                 m = min(outs[k].shape[1], outs["ours"].shape[1])
                 agree[f"ours_vs_{k}"] = bool(torch.equal(outs[k][:, :m], outs["ours"][:, :m]))
@@ -207,7 +214,7 @@ def bench_setting(size, batch, prompt, args, device, dtype, peak_bw, log):
             row["bandwidth_utilisation"] = round(b / step / 1e9 / peak_bw, 4)
         summary[name] = row
     ratios = {}
-    for mine in ("ours", "ours_fast"):
+    for mine in ("ours", "ours_io", "ours_fast"):
         for peer in ("p1", "p2", "p3"):
             if mine in summary and peer in summary:
                 ratios[f"{mine}_over_{peer}_tokens_per_s"] = round(

@@ -33,12 +33,39 @@ import torch
 
 from armodal.generation.decode import GenerationOutput, generate
 
-__all__ = ["FastDecoder", "compile_step", "default_compile_mode"]
+__all__ = ["FastDecoder", "compile_step", "default_compile_mode", "set_weight_layout"]
 
 
 def default_compile_mode(device: torch.device | str) -> str:
     """``reduce-overhead`` (CUDA graphs) on CUDA, ``freeze`` (inductor freezing) on the CPU."""
     return "reduce-overhead" if torch.device(device).type == "cuda" else "freeze"
+
+
+def set_weight_layout(model, layout: str = "in_out") -> int:
+    """Re-stride every ``nn.Linear`` weight in place; shapes, values and the state dict stay the same.
+
+    ``in_out`` stores each [out, in] weight column-major (its transpose is contiguous),
+    so the batch-1 product ``x @ W.T`` streams the weight as an [in, out] matrix, which
+    CPU BLAS runs as a much faster GEMV (about 1.5x on this machine's 124M shapes; HF's
+    GPT-2 ``Conv1D`` stores [in, out] for the same reason).  ``out_in`` restores the
+    default row-major layout.  Tied embeddings follow the output head (a row lookup
+    does not care).  Returns the number of weights changed.
+    """
+    if layout not in ("in_out", "out_in"):
+        raise ValueError(f"layout must be 'in_out' or 'out_in', got {layout!r}")
+    changed = 0
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Linear):
+                w = mod.weight
+                col = w.dim() == 2 and w.stride() == (1, w.shape[0])
+                if layout == "in_out" and not col:
+                    w.data = w.data.t().contiguous().t()
+                    changed += 1
+                elif layout == "out_in" and col:
+                    w.data = w.data.contiguous()
+                    changed += 1
+    return changed
 
 
 def _decode_one(model, tok: torch.Tensor, typ: torch.Tensor | None, input_pos: torch.Tensor) -> torch.Tensor:
@@ -83,12 +110,23 @@ class FastDecoder:
     each step attends to all ``max_len`` slots.
     """
 
-    def __init__(self, model, max_batch: int, max_len: int | None = None, mode: str | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        max_batch: int,
+        max_len: int | None = None,
+        mode: str | None = None,
+        weight_layout: str | None = None,
+    ) -> None:
         self.model = model
         self.max_batch = int(max_batch)
         self.max_len = int(max_len or model.config.max_seq_len)
         device = next(model.parameters()).device
         self.mode = mode or default_compile_mode(device)
+        # CPU: [in, out] weights make batch-1 GEMVs stream faster; CUDA: leave cuBLAS its layout
+        self.weight_layout = weight_layout or ("in_out" if device.type == "cpu" else None)
+        if self.weight_layout:
+            set_weight_layout(model, self.weight_layout)
         self.step = compile_step(self.mode)
         self._setup()
 

@@ -1,0 +1,109 @@
+"""Fast decode path: the compiled static-cache step gives the eager tokens; cache reuse is safe."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from armodal.generation import SamplingParams, beam_search, generate
+from armodal.generation.fast import FastDecoder, compile_step, default_compile_mode
+from armodal.models import build_transformer
+
+GREEDY = SamplingParams(greedy=True)
+
+
+def tiny(num_types: int = 0, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_transformer(vocab_size=97, num_types=num_types, n_layer=2, n_head=4, n_kv_head=2,
+                             d_model=64, max_seq_len=64).eval()
+
+
+def test_default_modes():
+    assert default_compile_mode("cuda") == "reduce-overhead"
+    assert default_compile_mode("cpu") == "freeze"
+
+
+def test_static_step_eager_matches_sliced_engine():
+    """The fixed-shape step (full static cache + mask row, no kv_len) equals the sliced eager path."""
+    m = tiny(num_types=3)
+    ids = torch.randint(0, 97, (3, 5))
+
+    def types_fn(x):
+        return torch.arange(x.shape[1]).remainder(3).expand(x.shape[0], -1)
+
+    ref = generate(m, ids, max_new_tokens=12, sampling=GREEDY, types_fn=types_fn).ids
+    fast = FastDecoder(m, max_batch=4, max_len=40, mode="eager")
+    out = fast.generate(ids, max_new_tokens=12, sampling=GREEDY, types_fn=types_fn).ids
+    assert torch.equal(out, ref)
+    # caches persist across calls and serve a smaller batch / shorter prompt unchanged
+    k_buf = m.blocks[0].attn.kv_cache.k
+    out2 = fast.generate(ids[:2, :3], max_new_tokens=9, sampling=GREEDY, types_fn=types_fn).ids
+    assert m.blocks[0].attn.kv_cache.k is k_buf
+    fast.close()
+    assert not m.has_caches
+    assert torch.equal(out2, generate(m, ids[:2, :3], max_new_tokens=9, sampling=GREEDY, types_fn=types_fn).ids)
+
+
+def test_persistent_caches_do_not_leak_between_calls_sampling():
+    """Stale slots from a longer earlier call must not change a later (sampled) call."""
+    m = tiny()
+    fast = FastDecoder(m, max_batch=2, max_len=48, mode="eager")
+    fast.generate(torch.randint(0, 97, (2, 20)), max_new_tokens=20, sampling=GREEDY)  # fill the cache
+    ids = torch.randint(0, 97, (2, 4))
+    sp = SamplingParams(temperature=0.9, top_k=20)
+    a = fast.generate(ids, max_new_tokens=10, sampling=sp, generator=torch.Generator().manual_seed(3)).ids
+    fast.close()
+    b = generate(m, ids, max_new_tokens=10, sampling=sp, generator=torch.Generator().manual_seed(3)).ids
+    assert torch.equal(a, b)
+
+
+def test_beam_search_with_persistent_caches():
+    m = tiny()
+    ids = torch.randint(0, 97, (2, 4))
+    ref = beam_search(m, ids, beam_size=3, max_new_tokens=6)
+    fast = FastDecoder(m, max_batch=6, max_len=16, mode="eager")
+    out = beam_search(m, ids, beam_size=3, max_new_tokens=6)
+    assert m.has_caches  # kept: the persistent caches served the beams
+    fast.close()
+    assert torch.equal(out.ids, ref.ids)
+
+
+def test_fast_decoder_rejects_calls_beyond_its_bounds():
+    m = tiny()
+    fast = FastDecoder(m, max_batch=2, max_len=16, mode="eager")
+    with pytest.raises(ValueError, match="max_batch=2 x max_len=16"):
+        fast.generate(torch.zeros(3, 4, dtype=torch.long), max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_len=16"):
+        fast.generate(torch.zeros(1, 10, dtype=torch.long), max_new_tokens=8)
+    with pytest.raises(ValueError, match="static cache"):
+        fast.generate(torch.zeros(1, 4, dtype=torch.long), max_new_tokens=4, use_cache=False)
+    fast.close()
+
+
+def test_compiled_step_gives_eager_tokens():
+    """torch.compile'd step (CPU default mode: inductor freezing) == eager greedy tokens, one compile."""
+    torch._dynamo.reset()
+    m = tiny()
+    ids = torch.randint(0, 97, (2, 6))
+    ref = generate(m, ids, max_new_tokens=16, sampling=GREEDY).ids
+    fast = FastDecoder(m, max_batch=2, max_len=24)
+    assert fast.mode == "freeze"
+    out = fast.generate(ids, max_new_tokens=16, sampling=GREEDY).ids
+    assert torch.equal(out, ref)
+    # another prompt length reuses the same graph (no recompilation)
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    out2 = fast.generate(ids[:, :3], max_new_tokens=10, sampling=GREEDY).ids
+    assert counters["stats"]["unique_graphs"] == before
+    fast.close()
+    assert torch.equal(out2, generate(m, ids[:, :3], max_new_tokens=10, sampling=GREEDY).ids)
+
+
+def test_compile_step_eager_mode_is_uncompiled():
+    step = compile_step("eager")
+    m = tiny()
+    m.setup_caches(1, 8)
+    out = step(m, torch.tensor([[5]]), None, torch.tensor([0]))
+    assert out.shape == (1, 1, 97)
+    m.clear_caches()
