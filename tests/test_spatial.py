@@ -339,6 +339,7 @@ def _compose(name: str, overrides: list[str]):
         return compose(config_name=name, overrides=overrides)
 
 
+@pytest.mark.slow  # ~2 min on an idle 2-core machine (SSL stage, train, eval with the ridge CV, generate)
 def test_tiny_end_to_end_cpu(tmp_path, monkeypatch):
     """armodal-train / armodal-eval / armodal-generate on three synthetic her2st sections."""
     from armodal.api import ARModel, load
@@ -356,7 +357,7 @@ def test_tiny_end_to_end_cpu(tmp_path, monkeypatch):
             "modality.data.panel=null", "modality.data.n_hvg=20", "modality.data.neighbours=2",
             "modality.data.tokenizer.n_levels=2", "modality.data.tokenizer.codebook_size=8",
             "modality.data.features.patch_size=100", "modality.data.features.patch_px=32",
-            "modality.data.features.ssl_epochs=1", "modality.data.features.ssl_batch=16",
+            "modality.data.features.ssl_epochs=1", "++modality.data.features.ssl_batch=16",
             "modality.data.features.n_views=2", "modality.data.val_fraction=0.2", "modality.data.batch_size=8"]
     train(_compose("train", ["experiment=spatial_her2st", *data, f"run_dir={run}", "model.d_model=32", "model.n_layer=2",
                              "model.n_head=2", "trainer.max_steps=4", "trainer.val_check_interval=2", "logger=csv"]))
