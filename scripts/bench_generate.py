@@ -17,7 +17,9 @@ median is reported, so background load hits all of them alike.
 
 Per contender: tokens/s (batch x new tokens / wall time), ms per decode step
 ((total - ttft) / (new - 1)), time to first token (prefill + first token), peak memory
-(CUDA allocator peak, or sampled RSS growth on the CPU) and, at batch 1, memory-bandwidth
+(CUDA allocator peak, or sampled RSS growth on the CPU, where buffers allocated once
+at warm-up, such as static caches and compiled constants, show under warmup_peak_mem_mib)
+and, at batch 1, memory-bandwidth
 utilisation: (weight bytes + KV bytes read per step) / step time / peak bandwidth.
 
     python scripts/bench_generate.py --sizes small --batch 1 --prompt 16
@@ -159,8 +161,10 @@ def bench_setting(size, batch, prompt, args, device, dtype, peak_bw, log):
     for c in contenders:
         n = args.p3_new if c.name == "p3" else new
         try:
-            dt, _ = timed(c, ids, min(n, 8) if c.name == "p3" else n, device)
-            dt1, _ = timed(c, ids, 1, device)
+            with PeakMemory(device) as pm:
+                dt, _ = timed(c, ids, min(n, 8) if c.name == "p3" else n, device)
+                dt1, _ = timed(c, ids, 1, device)
+            res[c.name]["warmup_peak_mib"] = pm.peak_mib
             res[c.name]["compile_s"] = round(dt + dt1, 2)
             live.append(c)
             log(f"  warm {c.name}: {dt + dt1:.1f}s")
@@ -205,6 +209,7 @@ def bench_setting(size, batch, prompt, args, device, dtype, peak_bw, log):
             "ttft_ms": round(ttft * 1e3, 2),
             "peak_mem_mib": median(r["peak_mib"]),
             "warmup_compile_s": r["compile_s"],
+            "warmup_peak_mem_mib": r.get("warmup_peak_mib"),
             "runs_total_s": [round(x, 3) for x in r["total_s"]],
         }
         if batch == 1 and name != "p3":

@@ -98,7 +98,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,  # [B, S, D]
         rope: torch.Tensor,  # [S, Dh/2, 2]
-        mask: torch.Tensor | None,  # [S, L] bool (cached) or None (plain causal)
+        mask: torch.Tensor | None,  # [1, 1, S, L] bool (cached) or None (plain causal over slots [0, S))
         input_pos: torch.Tensor | None,  # [S] absolute positions (cached) or None
     ) -> torch.Tensor:
         b, s, _ = x.shape
@@ -110,8 +110,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # [B, Hkv, L, Dh]
-            if mask is not None and mask.shape[-1] < k.shape[2]:  # attend to a prefix of the cache only
-                k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
+            n = s if mask is None else mask.shape[-1]  # mask None: prefill of slots [0, s), plain causal
+            if n < k.shape[2]:  # attend to a prefix of the cache only
+                k, v = k[:, :, :n], v[:, :, :n]
         gqa = self.n_kv_head != self.n_head
         if mask is None:
             y = F.scaled_dot_product_attention(
@@ -243,10 +244,15 @@ class Transformer(nn.Module):
             if not self.has_caches:
                 raise RuntimeError("input_pos given but no caches: call setup_caches() first")
             rope = self.rope[input_pos]
-            mask = self.causal_mask[input_pos]  # [S, L]
-            if kv_len is not None:
-                mask = mask[:, :kv_len]
-            mask = mask[None, None]  # [1, 1, S, L]
+            if kv_len is not None and kv_len == s:
+                # S distinct positions inside [0, S): they are 0..S-1, so the mask is plain causal;
+                # no mask lets SDPA take its flash / is_causal kernel (prefill, time to first token)
+                mask = None
+            else:
+                mask = self.causal_mask[input_pos]  # [S, L]
+                if kv_len is not None:
+                    mask = mask[:, :kv_len]
+                mask = mask[None, None]  # [1, 1, S, L]
         for blk in self.blocks:
             x = blk(x, rope, mask, input_pos)
         if num_logits is not None:

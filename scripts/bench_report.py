@@ -1,0 +1,68 @@
+"""Render the benchmark JSONs (bench_generate / bench_train / bench_speculative) as markdown tables.
+
+    python scripts/bench_report.py docs/bench_generate_cpu.json docs/bench_train_cpu.json ...
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _f(x, nd=1):
+    return "–" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
+
+
+def generate_table(r: dict) -> str:
+    out = [f"`{r['command']}`  (load average start {r['env']['load_average_start']}, end {r['load_average_end']}; "
+           f"peak bandwidth {r['peak_bandwidth_GBs']} GB/s, {r['peak_bandwidth_source']})", "",
+           "| size | batch | prompt | contender | tokens/s | ms/step | TTFT ms | peak MiB | BW util | vs P1 | vs P2 |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for run in r["runs"]:
+        for name, row in run["results"].items():
+            vs1 = run["ratios"].get(f"{name}_over_p1_tokens_per_s")
+            vs2 = run["ratios"].get(f"{name}_over_p2_tokens_per_s")
+            bw = row.get("bandwidth_utilisation")
+            out.append(
+                f"| {run['size']} | {run['batch']} | {run['prompt']} | {name} | {_f(row['tokens_per_s'])} | "
+                f"{_f(row['ms_per_step'])} | {_f(row['ttft_ms'])} | {_f(row['peak_mem_mib'])} | "
+                f"{'–' if bw is None else f'{100 * bw:.0f}%'} | {_f(vs1, 2)} | {_f(vs2, 2)} |")
+        if run["errors"]:
+            out.append(f"| {run['size']} | {run['batch']} | {run['prompt']} | errors | "
+                       + "; ".join(f"{k}: {v}" for k, v in run["errors"].items()) + " |||||||")
+    return "\n".join(out)
+
+
+def train_table(r: dict) -> str:
+    out = [f"`{r['command']}`  ({r['size']}, seq {r['seq']}, batch {r['batch']}, {r['dtype']}; peak "
+           f"{r['peak_TFLOPs']} TFLOP/s, {r['peak_source']}; FLOPs/token {r['flop_formula']})", "",
+           "| contender | tokens/s | ms/step | TFLOP/s | MFU | peak MiB | warm-up s |", "|---|---|---|---|---|---|---|"]
+    for name, row in r["results"].items():
+        out.append(f"| {name} | {_f(row['tokens_per_s'])} | {_f(row['ms_per_step'])} | {row['achieved_TFLOPs']} | "
+                   f"{100 * row['mfu']:.1f}% | {_f(row['peak_mem_mib'])} | {row['warmup_s']} |")
+    if r["errors"]:
+        out.append("errors: " + json.dumps(r["errors"]))
+    return "\n".join(out)
+
+
+def speculative_table(r: dict) -> str:
+    out = [f"`{r['command']}`  (target {r['target']['params']:,} params {r['target']['shape']}, draft "
+           f"{r['draft']['params']:,} params {r['draft']['shape']})", "",
+           "| sampling | k | acceptance | tokens/target fwd | plain tok/s | speculative tok/s | speed-up | greedy identical |",
+           "|---|---|---|---|---|---|---|---|"]
+    for row in r["results"]:
+        out.append(f"| {row['sampling']} | {row['num_draft']} | {100 * row['acceptance_rate']:.1f}% | "
+                   f"{row['tokens_per_target_forward']} | {row['plain_tokens_per_s']} | "
+                   f"{row['speculative_tokens_per_s']} | {row['speedup']}x | {row.get('greedy_identical', '–')} |")
+    return "\n".join(out)
+
+
+def main(paths):
+    for p in paths:
+        r = json.load(open(p))
+        fn = {"generate": generate_table, "train": train_table, "speculative": speculative_table}[r["benchmark"]]
+        print(f"### {p}\n\n{fn(r)}\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
