@@ -107,3 +107,29 @@ def test_compile_step_eager_mode_is_uncompiled():
     out = step(m, torch.tensor([[5]]), None, torch.tensor([0]))
     assert out.shape == (1, 1, 97)
     m.clear_caches()
+
+
+def test_weight_layout_keeps_values_and_trains():
+    from armodal.generation.fast import set_weight_layout
+
+    m = tiny()
+    ref = {k: v.clone() for k, v in m.state_dict().items()}
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        before = m(ids)
+    n = set_weight_layout(m, "in_out")
+    assert n == 2 * 4 + 1  # wqkv, wo, w13, w2 per block + the (tied) head
+    w = m.blocks[0].attn.wqkv.weight
+    assert w.shape == ref["blocks.0.attn.wqkv.weight"].shape and w.t().is_contiguous()
+    assert m.lm_head.weight is m.tok_emb.weight  # still tied
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, ref[k]), k
+    with torch.no_grad():
+        assert torch.allclose(m(ids), before, atol=1e-5)
+    m.train()
+    m(ids).logsumexp(-1).mean().backward()  # gradients flow with the re-strided weights
+    assert w.grad is not None and w.grad.shape == w.shape
+    assert set_weight_layout(m, "out_in") == n and m.blocks[0].attn.wqkv.weight.is_contiguous()
+    assert set_weight_layout(m, "out_in") == 0
+    with pytest.raises(ValueError, match="layout"):
+        set_weight_layout(m, "columns")

@@ -92,7 +92,11 @@ def compile_step(mode: str = "default", dynamic: bool = False):
     else:
         fn = torch.compile(_decode_one, mode=mode, fullgraph=True, dynamic=dynamic)
 
+    graphs = mode in ("reduce-overhead", "max-autotune")  # modes that capture CUDA graphs
+
     def step(model, tok, typ, input_pos):
+        if graphs:  # each call is a new iteration: the previous step's logits were consumed
+            torch.compiler.cudagraph_mark_step_begin()
         # fresh contiguous inputs: the engine hands views of its growing sequence, whose
         # strides change every step and would otherwise trigger a recompile each time
         # (``.contiguous()`` is not enough: a [1, 1] view counts as contiguous whatever its strides)
