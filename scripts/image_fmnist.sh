@@ -10,4 +10,4 @@ armodal-eval ckpt=runs/image_fmnist_vq/checkpoints/last.ckpt   # PSNR, codebook 
 armodal-train experiment=image_fmnist_ar                      # -> runs/image_fmnist_ar/<time>/
 AR=$(ls -td runs/image_fmnist_ar/*/ | head -1)
 armodal-generate ckpt="$AR/checkpoints/last.ckpt" num_samples=10 out_dir="$AR/samples/final" cfg_scale=3.0
-armodal-eval ckpt="$AR/checkpoints/last.ckpt"                  # all metrics incl. 10k-sample accuracy and FD
+armodal-eval ckpt="$AR/checkpoints/last.ckpt" 'evaluator.extra_cfg_scales=[1.0,2.0,4.0]'  # all metrics, 10k samples + cfg sweep
