@@ -34,19 +34,19 @@ def run(cmd: list[str], log: Path) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| held-out | AR mean PCC | AR median | AR top-50 HVG | ridge mean PCC | ridge median | ridge top-50 HVG "
-            "| HisToGene | 90% interval coverage | 50% coverage |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| held-out | features | AR mean PCC | AR median | AR top-50 HVG | ridge mean PCC | ridge median | ridge top-50 HVG "
+            "| HisToGene | 90% interval coverage | 50% coverage |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for m in rows:
         lines.append(
-            f"| {m['test_section']} | {m['ar_pcc_mean']:.3f} | {m['ar_pcc_median']:.3f} | {m['ar_pcc_mean_hvg50']:.3f} "
+            f"| {m['test_section']} | {m['features']['backbone']} {m['features']['weights']} | {m['ar_pcc_mean']:.3f} | {m['ar_pcc_median']:.3f} | {m['ar_pcc_mean_hvg50']:.3f} "
             f"| {m['ridge_pcc_mean']:.3f} | {m['ridge_pcc_median']:.3f} | {m['ridge_pcc_mean_hvg50']:.3f} "
             f"| {HISTOGENE.get(m['test_section'], float('nan')):.3f} | {m['ar_coverage90']:.3f} | {m['ar_coverage50']:.3f} |")
     avg = {k: sum(m[k] for m in rows) / len(rows) for k in
            ("ar_pcc_mean", "ar_pcc_median", "ar_pcc_mean_hvg50", "ridge_pcc_mean", "ridge_pcc_median",
             "ridge_pcc_mean_hvg50", "ar_coverage90", "ar_coverage50")}
     hg = sum(HISTOGENE.get(m["test_section"], 0) for m in rows) / len(rows)
-    lines.append(f"| **mean** | **{avg['ar_pcc_mean']:.3f}** | {avg['ar_pcc_median']:.3f} | {avg['ar_pcc_mean_hvg50']:.3f} "
+    lines.append(f"| **mean** | | **{avg['ar_pcc_mean']:.3f}** | {avg['ar_pcc_median']:.3f} | {avg['ar_pcc_mean_hvg50']:.3f} "
                  f"| {avg['ridge_pcc_mean']:.3f} | {avg['ridge_pcc_median']:.3f} | {avg['ridge_pcc_mean_hvg50']:.3f} "
                  f"| {hg:.3f} | {avg['ar_coverage90']:.3f} | {avg['ar_coverage50']:.3f} |")
     wins_r = sum(m["ar_pcc_mean"] > m["ridge_pcc_mean"] for m in rows)
@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--tag", default="main")
     ap.add_argument("--num-samples", type=int, default=64)
     ap.add_argument("--skip-train", action="store_true", help="reuse existing checkpoints")
+    ap.add_argument("--ckpt", default="last.ckpt", help="checkpoint file name to evaluate (last.ckpt or best.ckpt)")
     ap.add_argument("--collect", action="store_true", help="only gather the folds already evaluated under --tag")
     ap.add_argument("overrides", nargs="*", help="extra armodal-train overrides (after --)")
     args = ap.parse_args()
@@ -74,7 +75,7 @@ def main() -> None:
             run(["armodal-train", "experiment=spatial_her2st", f"modality.data.test_section={fold}", f"run_dir={run_dir}",
                  "logger=csv", "callbacks.progress.refresh_rate=0", *args.overrides], log)
         metrics = run_dir / "eval" / "metrics.json"
-        run(["armodal-eval", f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", f"out={metrics}",
+        run(["armodal-eval", f"ckpt={run_dir / 'checkpoints' / args.ckpt}", f"out={metrics}",
              f"num_samples={args.num_samples}"], log)
         m = json.loads(metrics.read_text())
         m["seconds"] = round(time.time() - t0)

@@ -107,7 +107,7 @@ def summarise(pred: np.ndarray, true: np.ndarray, hvg_idx: np.ndarray | None = N
 
 def ridge_baseline(
     x_train: np.ndarray, y_train: np.ndarray, groups: np.ndarray, x_test: np.ndarray,
-    alphas: tuple[float, ...] = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5),
+    alphas: tuple[float, ...] = (10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7),
 ) -> tuple[np.ndarray, dict]:
     """ST-Net-style direct regression on the same features: linear head, MSE (+ L2).
 
