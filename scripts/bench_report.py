@@ -16,17 +16,18 @@ def _f(x, nd=1):
 def generate_table(r: dict) -> str:
     out = [f"`{r['command']}`  (load average start {r['env']['load_average_start']}, end {r['load_average_end']}; "
            f"peak bandwidth {r['peak_bandwidth_GBs']} GB/s, {r['peak_bandwidth_source']})", "",
-           "| size | batch | prompt | contender | tokens/s | ms/step | TTFT ms | peak MiB | BW util | vs P1 | vs P2 |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| size | batch | prompt | contender | new | tokens/s | ms/step | TTFT ms | peak MiB | BW util | vs P1 | vs P2 | vs P3 |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in r["runs"]:
         for name, row in run["results"].items():
             vs1 = run["ratios"].get(f"{name}_over_p1_tokens_per_s")
             vs2 = run["ratios"].get(f"{name}_over_p2_tokens_per_s")
+            vs3 = run["ratios"].get(f"{name}_over_p3_tokens_per_s")
             bw = row.get("bandwidth_utilisation")
             out.append(
-                f"| {run['size']} | {run['batch']} | {run['prompt']} | {name} | {_f(row['tokens_per_s'])} | "
+                f"| {run['size']} | {run['batch']} | {run['prompt']} | {name} | {row['new_tokens']} | {_f(row['tokens_per_s'])} | "
                 f"{_f(row['ms_per_step'])} | {_f(row['ttft_ms'])} | {_f(row['peak_mem_mib'])} | "
-                f"{'–' if bw is None else f'{100 * bw:.0f}%'} | {_f(vs1, 2)} | {_f(vs2, 2)} |")
+                f"{'–' if bw is None else f'{100 * bw:.0f}%'} | {_f(vs1, 2)} | {_f(vs2, 2)} | {_f(vs3, 2)} |")
         if run["errors"]:
             out.append(f"| {run['size']} | {run['batch']} | {run['prompt']} | errors | "
                        + "; ".join(f"{k}: {v}" for k, v in run["errors"].items()) + " |||||||")
