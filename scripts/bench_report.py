@@ -48,7 +48,7 @@ def train_table(r: dict) -> str:
 
 def speculative_table(r: dict) -> str:
     out = [f"`{r['command']}`  (target {r['target']['params']:,} params {r['target']['shape']}, draft "
-           f"{r['draft']['params']:,} params {r['draft']['shape']})", "",
+           f"{r['draft']['params']:,} params {r['draft']['shape']}; one cached forward: {r.get('forward_ms')})", "",
            "| sampling | k | acceptance | tokens/target fwd | plain tok/s | speculative tok/s | speed-up | greedy identical |",
            "|---|---|---|---|---|---|---|---|"]
     for row in r["results"]:
