@@ -48,7 +48,7 @@ def piano_roll_png(score: Score, path: str | Path, title: str = "", labels: list
     path.parent.mkdir(parents=True, exist_ok=True)
     tpq = max(1, score.ticks_per_quarter)
     end = max(1, score.end()) / tpq
-    fig, ax = plt.subplots(figsize=(min(24, max(8, end / 4)), 4.5), dpi=100)
+    fig, ax = plt.subplots(figsize=(min(24, max(8, end / 4)) + 1.5, 4.5), dpi=100)
     pitches = []
     for i, track in enumerate(score.tracks):
         notes = track.notes.numpy()
@@ -71,7 +71,7 @@ def piano_roll_png(score: Score, path: str | Path, title: str = "", labels: list
     if title:
         ax.set_title(title, fontsize=10)
     if pitches:
-        ax.legend(loc="upper right", fontsize=8, ncol=4)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
