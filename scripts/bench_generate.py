@@ -261,7 +261,7 @@ def main(argv=None):
         print(msg, file=sys.stderr, flush=True)
 
     env = environment(device)
-    bw = measure_bandwidth(device) if device.type == "cpu" else None
+    bw = measure_bandwidth(device) if device.type == "cpu" and not args.peak_bw else None
     peak_bw = args.peak_bw or (bw["peak_GBs"] if bw else PEAK_BW_GBS["cuda"])
     log(f"env {env}  bandwidth {bw}  peak_bw {peak_bw} GB/s")
     runs = []

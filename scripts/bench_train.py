@@ -123,7 +123,7 @@ def main(argv=None):
     log(f"env {env}  peak {peak} TFLOP/s ({source})")
     shape = model_shape(args.size)
     torch.manual_seed(0)
-    params = param_report(build_ours(args.size, "meta"), build_hf(args.size, "meta"))
+    params = param_report(build_ours(args.size, "cpu"), build_hf(args.size, "cpu"))  # ("meta" unties weights)
     log(f"params {params}")
     g = torch.Generator().manual_seed(0)
     total = args.warmup + args.steps
