@@ -44,11 +44,16 @@ def sample_section(
     noise: bool = True,
     seed: int = 0,
     spots_per_batch: int = 32,
-) -> np.ndarray:
+    return_clean: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """K samples of every spot's expression -> [n, K, G] (log1p).
 
     The decoder sees only the H&E prefix of the spot's neighbourhood and generates the
     centre spot's tokens (the first ``tokens_per_spot`` of the expression segment).
+    With ``noise`` each sample also carries a quantiser residual (for intervals);
+    ``return_clean`` additionally returns the same K samples decoded without it
+    [n, K, G], whose mean is the Rao-Blackwellised point prediction (the residual has
+    ~zero mean, so averaging it in only adds Monte-Carlo noise to the mean).
     """
     net.eval()
     conditioner.eval()
@@ -59,6 +64,7 @@ def sample_section(
     rng = np.random.default_rng(seed)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     out = np.empty((n, num_samples, tokenizer.n_genes), np.float32)
+    clean = np.empty_like(out) if return_clean else None
     for a in range(0, n, spots_per_batch):
         b = min(n, a + spots_per_batch)
         prefix = conditioner({k: v[a:b].to(dev) for k, v in cond.items()})  # [b-a, N, D]
@@ -70,7 +76,9 @@ def sample_section(
         ids = res.ids[:, -tps:]  # [(b-a)*K, tps], samples of one spot are adjacent
         x = tokenizer.decode_batch(ids, noise=noise, generator=rng)  # [(b-a)*K, 1, G]
         out[a:b] = x.reshape(b - a, num_samples, -1)
-    return out
+        if clean is not None:
+            clean[a:b] = tokenizer.decode_batch(ids, noise=False).reshape(b - a, num_samples, -1)
+    return (out, clean) if return_clean else out
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -135,9 +143,10 @@ def ridge_baseline(
 
 
 # ----------------------------------------------------------------------------- outputs
-def prediction_adata(section: ad.AnnData, genes: list[str], samples: np.ndarray, measured: np.ndarray | None) -> ad.AnnData:
-    """Predictions as AnnData: X = mean of the K samples; layers std, q05, q95 (and measured)."""
-    out = ad.AnnData(X=samples.mean(1).astype(np.float32))
+def prediction_adata(section: ad.AnnData, genes: list[str], samples: np.ndarray, measured: np.ndarray | None,
+                     mean: np.ndarray | None = None) -> ad.AnnData:
+    """Predictions as AnnData: X = mean of the K samples (or ``mean``); layers std, q05, q95 (and measured)."""
+    out = ad.AnnData(X=(samples.mean(1) if mean is None else mean).astype(np.float32))
     out.obs_names = list(section.obs_names)
     out.var_names = list(genes)
     out.layers["std"] = samples.std(1).astype(np.float32)
