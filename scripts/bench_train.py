@@ -85,7 +85,7 @@ def train_steps(net, loss_fn, opt, batches, device, dtype_name):
         opt.step()
         opt.zero_grad(set_to_none=True)
     sync(device)
-    return float(loss)
+    return float(loss.detach())
 
 
 def main(argv=None):
