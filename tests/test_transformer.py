@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from armodal.models import Transformer, TransformerConfig, build_transformer
-from tests.conftest import compose_cfg
 
 
 def tiny(**kw):
@@ -82,8 +81,12 @@ def test_input_pos_without_cache_is_a_clear_error():
 )
 def test_size_presets(preset, lo, hi):
     """Non-embedding size for tiny/small; GPT-2 vocab (50257) totals for base/medium."""
-    cfg = compose_cfg("train", [f"model={preset}"])
-    kw = {k: v for k, v in cfg.model.items() if k != "_target_"}
+    from omegaconf import OmegaConf
+
+    from armodal.utils.config import CONF_DIR
+
+    model_cfg = OmegaConf.load(CONF_DIR / "model" / f"{preset}.yaml")
+    kw = {k: v for k, v in model_cfg.items() if k != "_target_"}
     config = TransformerConfig(vocab_size=50257 if preset in ("base", "medium") else 256, **kw)
     with torch.device("meta"):
         m = Transformer(config)
