@@ -18,6 +18,7 @@ tests/test_generation.py's chi-square test of speculative sampling).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -45,12 +46,19 @@ def main(argv=None):
     ap.add_argument("--unconstrained", action="store_true", help="no grammar mask")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if args.threads:
         torch.set_num_threads(args.threads)
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
+    def ident(path):  # which file state was measured (a run may still be updating best.ckpt)
+        data = Path(path).read_bytes()
+        mtime = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(Path(path).stat().st_mtime))
+        return {"ckpt": str(path), "sha256": hashlib.sha256(data).hexdigest()[:16], "mtime_utc": mtime}
+
+    target_id, draft_id = ident(args.target), ident(args.draft)
     target, draft = armodal.load(args.target), armodal.load(args.draft)
     tok = target.tokenizer
     if draft.tokenizer.vocab_size != tok.vocab_size:
@@ -116,8 +124,9 @@ def main(argv=None):
         "benchmark": "speculative",
         "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
         "env": environment("cpu"),
-        "target": {"ckpt": args.target, "params": n_t, "shape": {k: getattr(tnet.config, k) for k in ("n_layer", "d_model", "n_head")}},
-        "draft": {"ckpt": args.draft, "params": n_d, "shape": {k: getattr(dnet.config, k) for k in ("n_layer", "d_model", "n_head")}},
+        "started_utc": started,
+        "target": {**target_id, "params": n_t, "shape": {k: getattr(tnet.config, k) for k in ("n_layer", "d_model", "n_head")}},
+        "draft": {**draft_id, "params": n_d, "shape": {k: getattr(dnet.config, k) for k in ("n_layer", "d_model", "n_head")}},
         "forward_ms": {"target": t_ms, "draft": d_ms, "cost_ratio_c": round(d_ms / t_ms, 3)},
         "new_tokens": args.new, "constrained": not args.unconstrained, "results": rows,
         "load_average_end": load_average(),
