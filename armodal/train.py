@@ -63,6 +63,18 @@ def build_runtime(cfg: DictConfig, datamodule) -> dict:
     return runtime
 
 
+def finish_run(trainer: pl.Trainer, module, dm, run_dir: Path) -> None:
+    """After a stop that skipped the end-of-training hooks (``trainer.max_time``, interrupt), make sure the
+    run still ends with a final validation (samples, metrics.json) and a ``last.ckpt`` at the final step."""
+    if trainer.global_step == 0 or getattr(module, "armodal_meta", None) is None:
+        return
+    metrics_path = run_dir / "metrics.json"
+    validated = json.loads(metrics_path.read_text()).get("global_step", -1) if metrics_path.is_file() else -1
+    if validated < trainer.global_step and trainer.limit_val_batches:
+        trainer.validate(module, datamodule=dm, verbose=False)
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # atomic; every rank takes part
+
+
 def train(cfg: DictConfig) -> dict:
     """Train the configured experiment; returns the final metrics (also written to metrics.json)."""
     register_resolvers()
@@ -113,6 +125,7 @@ def train(cfg: DictConfig) -> dict:
         default_root_dir=str(run_dir),
     )
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    finish_run(trainer, module, dm, run_dir)
     if cfg.get("test_after_fit") and hasattr(dm, "test_dataloader"):
         trainer.test(module, datamodule=dm, verbose=False)
     metrics_path = run_dir / "metrics.json"

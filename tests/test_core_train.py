@@ -186,3 +186,17 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
 
     with pytest.raises(ConfigCompositionException, match="trainer.max_stepz"):
         compose_cfg("train", ["experiment=tokens_toy", "trainer.max_stepz=3"], tmp_path)
+
+
+def test_max_time_stop_still_validates_samples_and_saves_last(tmp_path):
+    cfg = compose_cfg("train", [
+        "experiment=tokens_toy", f"modality.data.path={tmp_path / 'data'}", "trainer.max_steps=100000",
+        "trainer.val_check_interval=100000", "trainer.max_time=00:00:00:04", "callbacks.samples.num_samples=1",
+        "callbacks.progress.refresh_rate=0", "logger=csv", *SMALL_NET,
+    ], tmp_path)
+    metrics = train(cfg)
+    run_dir = Path(metrics["run_dir"])
+    step = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"]
+    assert 0 < step < 100000 and metrics["global_step"] == step
+    assert "val/nll" in metrics["final"]
+    assert list((run_dir / "samples").glob(f"step_{step:07d}/samples.json"))

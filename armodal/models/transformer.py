@@ -34,7 +34,8 @@ class TransformerConfig:
     ffn_hidden: int | None = None  # SwiGLU hidden width; None = 8/3 * d_model rounded up to 64
     max_seq_len: int = 1024  # longest prefix + token sequence (RoPE table, cache bound)
     rope_base: float = 10000.0  # RoPE frequency base
-    dropout: float = 0.0  # residual and attention dropout (training only)
+    dropout: float = 0.0  # residual dropout (training only)
+    attn_dropout: float | None = None  # attention-probability dropout; None = same as dropout (0 keeps CPU SDPA fast)
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = True  # share the input embedding with the output projection
     init_std: float = 0.02  # normal init std; residual projections are scaled by 1/sqrt(2 n_layer)
@@ -91,7 +92,7 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.wqkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.dropout = cfg.dropout
+        self.dropout = cfg.dropout if cfg.attn_dropout is None else cfg.attn_dropout
         self.kv_cache: KVCache | None = None
 
     def forward(

@@ -95,8 +95,10 @@ class ARLitModule(pl.LightningModule):
                 src = dict(self.net.named_parameters(prefix="net"))
                 if self.conditioner is not None:
                     src.update(self.conditioner.named_parameters(prefix="conditioner"))
+                t = self.global_step
+                decay = min(self.ema_decay, (1 + t) / (10 + t))  # warm-up: early EMA tracks the weights closely
                 for name, p in self.ema.named_parameters():
-                    p.lerp_(src[name].detach().to(p.dtype), 1.0 - self.ema_decay)
+                    p.lerp_(src[name].detach().to(p.dtype), 1.0 - decay)
 
     def _eval_step(self, batch: dict, stage: str) -> None:
         s, n = self.forward_nll(batch, use_ema=self.ema is not None)
