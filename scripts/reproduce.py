@@ -55,27 +55,35 @@ def flat(d: dict, prefix: str = "") -> dict:
 
 def do_entry(entry: dict, collect_only: bool) -> dict:
     name = entry.get("experiment") or entry["name"]
-    row = {"name": name, "commands": []}
+    row = {"name": name, "commands": [], "show": entry.get("show")}
     if "script" in entry:
         cmd = shlex.split(entry["script"])
         row["commands"].append(entry["script"])
         if not collect_only:
             run([sys.executable if cmd[0] == "python" else cmd[0], *cmd[1:]])
         path = ROOT / entry["metrics"]
-        row["metrics"] = flat(json.loads(path.read_text())) if path.is_file() else {}
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        if isinstance(data, list):  # one row per item (e.g. one per held-out fold)
+            label = entry.get("row_label", "")
+            return [{**row, "name": f"{name} [{d.get(label, i)}]", "metrics": flat(d)} for i, d in enumerate(data)]
+        row["metrics"] = flat(data)
         return row
     train_cmd = [str(BIN / "armodal-train"), f"experiment={name}", *entry.get("train", [])]
+    if "run_dir" in entry:
+        train_cmd.append(f"run_dir={ROOT / entry['run_dir']}")
     row["commands"].append(shlex.join(["armodal-train", *train_cmd[1:]]))
     if not collect_only:
         out = run(train_cmd)
         run_dir = Path(next(l.split("done: ")[1].split()[0] for l in out.splitlines() if "[armodal] done:" in l))
     else:
-        run_dir = latest_run(entry.get("run_name", name))
+        run_dir = ROOT / entry["run_dir"] if "run_dir" in entry else latest_run(entry.get("run_name", name))
         if run_dir is None:
             return {**row, "metrics": {}, "note": "no run found"}
     ckpt = run_dir / "checkpoints" / entry.get("ckpt", "best.ckpt")
-    eval_cmd = [str(BIN / "armodal-eval"), f"ckpt={ckpt}", *entry.get("eval", [])]
-    row["commands"].append(shlex.join(["armodal-eval", f"ckpt=runs/{name}/<time>/checkpoints/{ckpt.name}", *entry.get("eval", [])]))
+    eval_out = run_dir / entry.get("eval_out", "eval_metrics.json")
+    eval_cmd = [str(BIN / "armodal-eval"), f"ckpt={ckpt}", f"out={eval_out}", *entry.get("eval", [])]
+    where = entry.get("run_dir", f"runs/{name}/<time>")
+    row["commands"].append(shlex.join(["armodal-eval", f"ckpt={where}/checkpoints/{ckpt.name}", *entry.get("eval", [])]))
     if entry.get("eval") is not None and not collect_only:
         run(eval_cmd)
     metrics = {}
@@ -85,8 +93,8 @@ def do_entry(entry: dict, collect_only: bool) -> dict:
         metrics["train.seconds"] = m.get("train_seconds_this_session")
         metrics["train.steps"] = m.get("global_step")
         metrics["params"] = m.get("num_params")
-    if (run_dir / "eval_metrics.json").is_file():
-        metrics.update(flat(json.loads((run_dir / "eval_metrics.json").read_text())))
+    if eval_out.is_file():
+        metrics.update(flat(json.loads(eval_out.read_text())))
     row["metrics"] = metrics
     row["run_dir"] = str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir)
     return row
@@ -110,7 +118,9 @@ def render(rows: list[dict]) -> str:
         test = m.get("test.nll")
         skip = {"val.nll", "val.bpt", "test.nll", "val.ppl", "test.ppl", "val.tokens", "test.tokens", "test.bpt",
                 "train.val/nll", "train.val/bpt", "train.val/ppl", "train.val/tokens", "train.step"}
-        other = ", ".join(f"{k}={v:.4g}" for k, v in m.items() if k not in skip and isinstance(v, (int, float)))
+        show = r.get("show")
+        other = ", ".join(f"{k}={v:.4g}" for k, v in m.items()
+                          if k not in skip and isinstance(v, (int, float)) and (show is None or k in show))
         fmt = lambda x: f"{x:.4f}" if isinstance(x, (int, float)) else "—"  # noqa: E731
         cmds = "<br>".join(f"`{c}`" for c in r["commands"])
         lines.append(f"| {r['name']} | {fmt(val)} | {fmt(bpt)} | {fmt(test)} | {other or '—'} | {cmds} |")
@@ -130,9 +140,17 @@ def main() -> None:
         name = e.get("experiment") or e.get("name")
         if only and name not in only:
             continue
-        rows.append(do_entry(e, args.collect))
+        r = do_entry(e, args.collect)
+        rows.extend(r if isinstance(r, list) else [r])
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
+    old_json = out.with_suffix(".json")
+    if only and old_json.is_file():  # keep the rows of experiments not rerun this time
+        fresh = {r["name"].split(" [")[0] for r in rows}
+        kept = [r for r in json.loads(old_json.read_text()) if r["name"].split(" [")[0] not in fresh]
+        rows = kept + rows
+        order = [e.get("experiment") or e.get("name") for e in entries]
+        rows.sort(key=lambda r: order.index(r["name"].split(" [")[0]) if r["name"].split(" [")[0] in order else 99)
     out.write_text(render(rows))
     (out.with_suffix(".json")).write_text(json.dumps(rows, indent=2))
     print(f"[armodal] wrote {out}")
