@@ -207,10 +207,16 @@ class MidiDataModule(pl.LightningDataModule):
             raise FileNotFoundError(f"{self.root}: no .mid / .midi files found (searched recursively)")
         cache = self._cache_path(files)
         if cache is not None and cache.is_file():
-            data = torch.load(cache, weights_only=False)
-            for rel, reason in data["skipped"]:
-                warnings.warn(f"skipping {self.root / rel}: {reason} (cached)", MidiSkipWarning, stacklevel=2)
-            return data
+            try:  # tensors only: never unpickle arbitrary objects, even from our own cache
+                saved = torch.load(cache, weights_only=True)
+                data = {"pieces": {rel: [t.numpy() for t in v] for rel, v in saved["pieces"].items()},
+                        "skipped": [tuple(x) for x in saved["skipped"]]}
+            except Exception as e:  # noqa: BLE001 - an old or damaged cache is rebuilt, not trusted
+                warnings.warn(f"{cache}: token cache unreadable ({type(e).__name__}); rebuilding it", stacklevel=2)
+            else:
+                for rel, reason in data["skipped"]:
+                    warnings.warn(f"skipping {self.root / rel}: {reason} (cached)", MidiSkipWarning, stacklevel=2)
+                return data
         pieces, skipped = {}, []
         for f in files:
             rel = str(f.relative_to(self.root))
@@ -227,7 +233,8 @@ class MidiDataModule(pl.LightningDataModule):
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp")
-            torch.save(data, tmp)
+            torch.save({"pieces": {rel: [torch.from_numpy(a) for a in v] for rel, v in pieces.items()},
+                        "skipped": [list(x) for x in skipped]}, tmp)
             tmp.replace(cache)
         return data
 

@@ -201,7 +201,7 @@ class FeatureExtractor:
         ``patches``: uint8 [N, H, W, 3] or a callable returning them (called on a cache miss)."""
         path = self.cache_dir / f"{name}.pt" if self.cache_dir else None
         if path is not None and path.is_file():
-            blob = torch.load(path, map_location="cpu", weights_only=False)
+            blob = torch.load(path, map_location="cpu", weights_only=True)
             if blob["obs_names"] == list(obs_names):
                 return blob["feats"]
         if callable(patches):
