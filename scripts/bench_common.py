@@ -8,6 +8,7 @@ width, heads and vocabulary, with random weights (nothing is downloaded).
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -183,3 +184,11 @@ class PeakMemory:
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
+
+
+def emit(report: dict, out: str | None) -> None:
+    """Print the JSON report and, with ``--out``, write it to that file."""
+    text = json.dumps(report, indent=1)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 import traceback
@@ -42,7 +41,7 @@ import torch  # noqa: E402
 
 from bench_common import (  # noqa: E402
     PEAK_BW_GBS, PeakMemory, build_hf, build_ours, environment, load_average, measure_bandwidth, median,
-    model_shape, param_report, sync,
+    emit, model_shape, param_report, sync,
 )
 
 from armodal.generation import SamplingParams, generate  # noqa: E402
@@ -281,10 +280,7 @@ def main(argv=None):
         "runs": runs,
         "load_average_end": load_average(),
     }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
     return report
 
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from bench_common import environment, load_average, median  # noqa: E402
+from bench_common import emit, environment, load_average, median  # noqa: E402
 
 import armodal  # noqa: E402
 from armodal.generation import SamplingParams, generate, speculative_generate  # noqa: E402
@@ -131,10 +131,7 @@ def main(argv=None):
         "new_tokens": args.new, "constrained": not args.unconstrained, "results": rows,
         "load_average_end": load_average(),
     }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

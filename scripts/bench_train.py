@@ -24,7 +24,6 @@ as the best dense 2048^3 matmul throughput in this process.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench_common import (  # noqa: E402
     PEAK_TFLOPS, PeakMemory, build_hf, build_ours, environment, load_average, measure_matmul_tflops, median,
-    model_shape, num_params, param_report, sync,
+    emit, model_shape, num_params, param_report, sync,
 )
 
 from armodal.training.lit_module import batch_nll  # noqa: E402
@@ -182,10 +181,7 @@ def main(argv=None):
         "peak_TFLOPs": peak, "peak_source": source, "results": results, "ratios": ratios, "errors": errors,
         "load_average_end": load_average(),
     }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
     return report
 
 
