@@ -58,7 +58,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--folds", nargs="+", default=["C2", "C3", "C4", "C5"])
     ap.add_argument("--tag", default="main")
-    ap.add_argument("--num-samples", type=int, default=64)
+    ap.add_argument("--num-samples", type=int, default=256)
     ap.add_argument("--skip-train", action="store_true", help="reuse existing checkpoints")
     ap.add_argument("--ckpt", default="last.ckpt", help="checkpoint file name to evaluate (last.ckpt or best.ckpt)")
     ap.add_argument("--collect", action="store_true", help="only gather the folds already evaluated under --tag")
