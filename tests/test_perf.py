@@ -20,7 +20,7 @@ def tiny(num_types: int = 0, seed: int = 0):
 
 def test_default_modes():
     assert default_compile_mode("cuda") == "reduce-overhead"
-    assert default_compile_mode("cpu") == "freeze"
+    assert default_compile_mode("cpu") == "default"
 
 
 def test_static_step_eager_matches_sliced_engine():
@@ -81,13 +81,13 @@ def test_fast_decoder_rejects_calls_beyond_its_bounds():
 
 
 def test_compiled_step_gives_eager_tokens():
-    """torch.compile'd step (CPU default mode: inductor freezing) == eager greedy tokens, one compile."""
+    """torch.compile'd step (CPU default mode) == eager greedy tokens, one compile."""
     torch._dynamo.reset()
     m = tiny()
     ids = torch.randint(0, 97, (2, 6))
     ref = generate(m, ids, max_new_tokens=16, sampling=GREEDY).ids
     fast = FastDecoder(m, max_batch=2, max_len=24)
-    assert fast.mode == "freeze"
+    assert fast.mode == "default"
     out = fast.generate(ids, max_new_tokens=16, sampling=GREEDY).ids
     assert torch.equal(out, ref)
     # another prompt length reuses the same graph (no recompilation)
@@ -133,3 +133,15 @@ def test_weight_layout_keeps_values_and_trains():
     assert set_weight_layout(m, "out_in") == 0
     with pytest.raises(ValueError, match="layout"):
         set_weight_layout(m, "columns")
+
+
+def test_frozen_compiled_step_gives_eager_tokens():
+    """The inductor-freezing mode (prepacked oneDNN weights) gives the eager greedy tokens too."""
+    torch._dynamo.reset()
+    m = tiny()
+    ids = torch.randint(0, 97, (2, 6))
+    ref = generate(m, ids, max_new_tokens=12, sampling=GREEDY).ids
+    fast = FastDecoder(m, max_batch=2, max_len=24, mode="freeze")
+    out = fast.generate(ids, max_new_tokens=12, sampling=GREEDY).ids
+    fast.close()
+    assert torch.equal(out, ref)
