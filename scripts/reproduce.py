@@ -69,9 +69,11 @@ def do_entry(entry: dict, collect_only: bool) -> dict:
         row["metrics"] = flat(data)
         return row
     train_cmd = [str(BIN / "armodal-train"), f"experiment={name}", *entry.get("train", [])]
+    shown = ["armodal-train", *train_cmd[1:]]
     if "run_dir" in entry:
         train_cmd.append(f"run_dir={ROOT / entry['run_dir']}")
-    row["commands"].append(shlex.join(["armodal-train", *train_cmd[1:]]))
+        shown.append(f"run_dir={entry['run_dir']}")
+    row["commands"].append(shlex.join(shown))
     if not collect_only:
         out = run(train_cmd)
         run_dir = Path(next(l.split("done: ")[1].split()[0] for l in out.splitlines() if "[armodal] done:" in l))
