@@ -17,7 +17,7 @@ graphs to capture; the step is compiled in inductor's ``default`` mode (the smal
 fuse), and the linear weights keep the [in, out] layout that :func:`set_weight_layout`
 gives them, so every batch-1 product is an MKL GEMV streaming at close to the memory
 bandwidth.  (``freeze`` mode would re-pack them into oneDNN's blocked format, which
-streams at about half that speed for a single row: 24.8 vs 31-40 tok/s at 124M.)
+streams a single row at about half that speed: 24.8 vs 29.5 tok/s at 124M, 2 threads.)
 
 Usage::
 
@@ -85,8 +85,8 @@ def compile_step(mode: str = "default", dynamic: bool = False):
 
     ``mode`` is a ``torch.compile`` mode (``default``, ``reduce-overhead``,
     ``max-autotune``, ``max-autotune-no-cudagraphs``; ``default`` is the CPU default),
-    ``freeze`` (inductor freezing: prepacked oneDNN weights), or ``eager`` (no compilation: the same fixed-shape step, run
-    eagerly, as a reference).
+    ``freeze`` (inductor freezing: prepacked oneDNN weights), or ``eager`` (no compilation:
+    the same fixed-shape step, run eagerly, as a reference).
     """
     if mode == "eager":
         fn = _decode_one
