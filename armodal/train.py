@@ -72,7 +72,23 @@ def finish_run(trainer: pl.Trainer, module, dm, run_dir: Path) -> None:
     validated = json.loads(metrics_path.read_text()).get("global_step", -1) if metrics_path.is_file() else -1
     if validated < trainer.global_step and trainer.limit_val_batches:
         trainer.validate(module, datamodule=dm, verbose=False)
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # atomic; every rank takes part
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)  # full state, atomic
+
+
+def _group_entries(cfg: DictConfig, group: str) -> list:
+    """The entries of a callbacks/logger group; one without ``_target_`` (an experiment set a key
+    of a callback the chosen group does not define, e.g. ``callbacks=none``) is a clear error."""
+    entries = []
+    for key, c in (cfg.get(group) or {}).items():
+        if c is None:
+            continue
+        if not OmegaConf.is_dict(c) or "_target_" not in c:
+            raise ValueError(
+                f"{group}.{key} has no _target_: the experiment sets {group}.{key} but the chosen "
+                f"{group} group does not define it; drop it with '~{group}.{key}' or pick a {group} group that has it"
+            )
+        entries.append(c)
+    return entries
 
 
 def train(cfg: DictConfig) -> dict:
@@ -115,8 +131,8 @@ def train(cfg: DictConfig) -> dict:
     if cfg.modality.get("sampler") is not None:
         module.sampler = instantiate(cfg.modality.sampler)
 
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    callbacks = [instantiate(c) for c in _group_entries(cfg, "callbacks")]
+    loggers = [instantiate(c) for c in _group_entries(cfg, "logger")]
     trainer = pl.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         callbacks=callbacks,

@@ -188,6 +188,15 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
         compose_cfg("train", ["experiment=tokens_toy", "trainer.max_stepz=3"], tmp_path)
 
 
+def test_callback_key_without_its_callback_is_a_clear_error(tmp_path):
+    cfg = compose_cfg("train", [
+        "experiment=tokens_toy", f"modality.data.path={tmp_path / 'data'}", "callbacks=none",
+        "+callbacks.samples.every_n_val=3", "trainer.max_steps=1", *SMALL_NET,
+    ], tmp_path)
+    with pytest.raises(ValueError, match=r"callbacks.samples has no _target_.*~callbacks.samples"):
+        train(cfg)
+
+
 def test_max_time_stop_still_validates_samples_and_saves_last(tmp_path):
     cfg = compose_cfg("train", [
         "experiment=tokens_toy", f"modality.data.path={tmp_path / 'data'}", "trainer.max_steps=100000",

@@ -212,6 +212,39 @@ def test_jsb_grid_tokens_grid_round_trip():
     assert np.array_equal(np.nan_to_num(back), np.nan_to_num(grid))
 
 
+def _hold_reference(grid: np.ndarray, cap: int) -> list[int]:
+    """Steps each voice has held its token, per voice-step, written the slow way."""
+    out = []
+    for t in range(len(grid)):
+        for v in range(4):
+            run = 0
+            while t - run - 1 >= 0 and (grid[t - run - 1, v] == grid[t, v] or
+                                        (np.isnan(grid[t - run - 1, v]) and np.isnan(grid[t, v]))):
+                run += 1
+            out.append(min(run, cap - 1))
+    return out
+
+
+def test_jsb_hold_types_are_causal_and_match_a_reference(tmp_path):
+    tok = JSBTokenizer(beat_types=True, hold_types=4)
+    assert tok.num_types == 64
+    rng = np.random.default_rng(3)
+    grid = random_grid(rng, 23)
+    grid = np.repeat(grid, rng.integers(1, 7, size=len(grid)), axis=0)[:40]  # held notes of 1..6 steps
+    ids = tok.encode(grid)[None]
+    types = tok.types(ids)
+    assert (types[0, 1:-1] // 16).tolist() == _hold_reference(grid, 4)
+    assert (types[0, 1:-1] % 16).tolist() == JSBTokenizer(beat_types=True).types(ids)[0, 1:-1].tolist()
+    for t in range(1, ids.shape[1]):  # a prefix's types are the prefix of the types: usable while sampling
+        assert torch.equal(tok.types(ids[:, :t]), types[:, :t])
+    window = tok.encode(grid[8:], bos=False, eos=False)[None]  # no history before a window: counts restart
+    assert (tok.types(window)[0] // 16).tolist() == _hold_reference(grid[8:], 4)
+    tok.save(tmp_path / "jsb")
+    assert load_tokenizer(tmp_path / "jsb").hold_types == 4
+    with pytest.raises(ValueError, match="hold_types"):
+        JSBTokenizer(hold_types=1)
+
+
 def test_jsb_grammar_mask():
     tok = JSBTokenizer()
     m = torch.cat([tok.allowed_next(torch.tensor([[tok.bos_id] + [10] * 4])),

@@ -55,17 +55,26 @@ class JSBTokenizer(Tokenizer):
     ``types`` gives each token its voice (0..3); BOS counts as the bass of step -1,
     so the type of position ``i`` is ``(i + 3) % 4`` for sequences that start
     with BOS.  With ``beat_types=True`` the type also carries the 16th-note position
-    inside the beat (``voice + 4 * (step % 4)``, 16 types).
+    inside the beat (``voice + 4 * (step % 4)``, 16 types).  With ``hold_types=K > 0``
+    it also carries how many steps this voice has already held its current token
+    (``0`` = it changed at this step, capped at ``K - 1``); that is a function of the
+    tokens up to and including this one, so the model stays a proper autoregressive
+    model, and it is the repetition feature of TonicNet (Peracha 2019): it tells the
+    model where the sounding note began without a multi-hop attention search.
     """
 
     modality = "music"
     pad_id, bos_id, eos_id, rest_id = 0, 1, 2, 3
     num_specials = 4
 
-    def __init__(self, low: int = JSB_LOW, high: int = JSB_HIGH, beat_types: bool = False) -> None:
+    def __init__(self, low: int = JSB_LOW, high: int = JSB_HIGH, beat_types: bool = False,
+                 hold_types: int = 0) -> None:
         if not 0 <= low <= high <= 127:
             raise ValueError(f"pitch range must satisfy 0 <= low <= high <= 127, got [{low}, {high}]")
+        if int(hold_types) < 0 or int(hold_types) == 1:
+            raise ValueError(f"hold_types must be 0 (off) or >= 2 buckets, got {hold_types}")
         self.low, self.high, self.beat_types = int(low), int(high), bool(beat_types)
+        self.hold_types = int(hold_types)
 
     # -- sizes -------------------------------------------------------------------------
     @property
@@ -74,7 +83,7 @@ class JSBTokenizer(Tokenizer):
 
     @property
     def num_types(self) -> int:
-        return NUM_VOICES * (4 if self.beat_types else 1)
+        return NUM_VOICES * (4 if self.beat_types else 1) * max(1, self.hold_types)
 
     # -- encode / decode ---------------------------------------------------------------
     def pitch_to_id(self, grid: np.ndarray) -> np.ndarray:
@@ -135,7 +144,24 @@ class JSBTokenizer(Tokenizer):
         if self.beat_types:
             step = torch.div(rel, NUM_VOICES, rounding_mode="floor").clamp_min(0)
             voice = voice + NUM_VOICES * (step % 4)
-        return voice.expand(ids.shape[0], -1).contiguous()
+        voice = voice.expand(ids.shape[0], -1)
+        if self.hold_types:
+            voice = voice + (self.num_types // self.hold_types) * self._hold_run(ids, rel)
+        return voice.contiguous()
+
+    def _hold_run(self, ids: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
+        """[B, T] steps for which each voice-step token repeats its voice's token (cap ``hold_types - 1``)."""
+        lag = NUM_VOICES
+        prev = torch.full_like(ids, -1)
+        prev[:, lag:] = ids[:, :-lag]
+        same = (ids == prev) & (rel >= lag) & (ids >= self.rest_id)  # [B, T] held from the step before
+        run, acc = same.long(), same
+        for k in range(1, min(self.hold_types - 1, (ids.shape[1] - 1) // lag + 1)):
+            shifted = torch.zeros_like(same)  # run >= k + 1 when the k steps before were held too
+            shifted[:, lag * k :] = same[:, : -lag * k]
+            acc = acc & shifted
+            run = run + acc.long()
+        return run
 
     def allowed_next(self, ids: torch.Tensor) -> torch.Tensor:
         """[B, t] -> bool [B, V]: a rest or an in-range pitch for the next voice; EOS only
@@ -193,7 +219,7 @@ class JSBTokenizer(Tokenizer):
 
     # -- persistence ------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"low": self.low, "high": self.high, "beat_types": self.beat_types}
+        return {"low": self.low, "high": self.high, "beat_types": self.beat_types, "hold_types": self.hold_types}
 
     @classmethod
     def from_state(cls, state: dict, directory: Path) -> "JSBTokenizer":
@@ -369,6 +395,7 @@ class JSBDataModule(pl.LightningDataModule):
         max_transpose: int = 5,
         start_prob: float = 0.25,
         beat_types: bool = False,
+        hold_types: int = 0,
         num_workers: int = 0,
         eval_batch_size: int | None = None,
     ) -> None:
@@ -378,7 +405,7 @@ class JSBDataModule(pl.LightningDataModule):
         self.path, self.batch_size, self.window_steps, self.stride_steps = path, batch_size, window_steps, stride_steps
         self.max_transpose, self.start_prob, self.num_workers = max_transpose, start_prob, num_workers
         self.eval_batch_size = eval_batch_size or batch_size
-        self.tokenizer = JSBTokenizer(beat_types=beat_types)
+        self.tokenizer = JSBTokenizer(beat_types=beat_types, hold_types=hold_types)
         self.splits: dict[str, list[np.ndarray]] | None = None
 
     @property
