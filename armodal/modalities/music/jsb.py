@@ -12,7 +12,6 @@ loss so the reported NLL is exactly the note-wise NLL of the literature.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
