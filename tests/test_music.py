@@ -245,6 +245,36 @@ def test_jsb_hold_types_are_causal_and_match_a_reference(tmp_path):
         JSBTokenizer(hold_types=1)
 
 
+def test_jsb_transposition_ensemble_is_a_causal_distribution(tmp_path):
+    from armodal.eval import dataset_nll
+    from armodal.modalities.music.jsb_ensemble import shifted_log_probs, transposition_ensemble_nll
+
+    path = write_jsb(tmp_path / "Jsb16thSeparated.npz")
+    dm = JSBDataModule(str(path), window_steps=16, stride_steps=8, beat_types=True, hold_types=4)
+    model = tiny_model(dm.tokenizer, 70)
+    tok, ds = dm.tokenizer, dm.eval_dataset("valid")
+    plain = dataset_nll(model, dm.val_dataloader())
+    only0 = transposition_ensemble_nll(model.net, tok, ds, shifts=[0])
+    assert only0["tokens"] == plain["tokens"] and only0["nll"] == pytest.approx(plain["nll"], rel=1e-5)
+    ens = transposition_ensemble_nll(model.net, tok, ds, shifts=[-3, 0, 3])
+    assert ens["tokens"] == plain["tokens"] and ens["nll_single"] == pytest.approx(plain["nll"], rel=1e-5)
+    # an edge-of-range piece: +3 cannot name 80 and stops being usable once 80 is in the history
+    grid = np.array([[70.0, 60, 50, 40], [80, 60, 50, 40], [70, 60, 50, 40], [72, 62, 52, 42]])
+    ids = tok.encode(grid, bos=True, eos=False)
+    logp, usable = shifted_log_probs(model.net, tok, ids, [0, 3])
+    mix = torch.logsumexp(logp, 0) - torch.log(usable.sum(0).float())[:, None]  # [T-1, V]
+    assert torch.allclose(torch.logsumexp(mix, -1), torch.zeros(len(ids) - 1), atol=1e-5)  # sums to 1
+    assert usable[0].all() and usable[1, :5].all() and not usable[1, 5:].any()  # 80 enters at position 5
+    nameable = torch.isfinite(logp[1, 0])
+    assert not nameable[tok.num_specials + 79 - tok.low] and nameable[tok.num_specials + 78 - tok.low]
+    future = ids.clone()
+    future[-1] = tok.num_specials + 81 - tok.low  # a later token changes nothing earlier
+    logp2, usable2 = shifted_log_probs(model.net, tok, future, [0, 3])
+    assert torch.equal(usable2[:, :-1], usable[:, :-1]) and torch.allclose(logp2[:, :-1], logp[:, :-1])
+    with pytest.raises(ValueError, match="must include 0"):
+        transposition_ensemble_nll(model.net, tok, ds, shifts=[1])
+
+
 def test_jsb_grammar_mask():
     tok = JSBTokenizer()
     m = torch.cat([tok.allowed_next(torch.tensor([[tok.bos_id] + [10] * 4])),
