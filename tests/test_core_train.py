@@ -209,3 +209,16 @@ def test_max_time_stop_still_validates_samples_and_saves_last(tmp_path):
     assert 0 < step < 100000 and metrics["global_step"] == step
     assert "val/nll" in metrics["final"]
     assert list((run_dir / "samples").glob(f"step_{step:07d}/samples.json"))
+
+
+def test_early_stopping_counts_step_based_validations(tmp_path):
+    cfg = compose_cfg("train", [
+        "experiment=tokens_toy", f"modality.data.path={tmp_path / 'data'}", "trainer.max_steps=100000",
+        "trainer.val_check_interval=5", "trainer.limit_val_batches=1", "trainer.max_time=00:00:02:00",
+        "callbacks.samples.enabled=false", "callbacks.progress.refresh_rate=0", "logger=csv",
+        "+callbacks.early_stop._target_=armodal.training.callbacks.early_stopping", "+callbacks.early_stop.patience=1",
+        "+callbacks.early_stop.min_delta=100.0", *SMALL_NET,  # no later validation can count as better
+    ], tmp_path)
+    metrics = train(cfg)
+    assert metrics["global_step"] == 10  # best at the 1st validation, stopped at the 2nd
+    assert (Path(metrics["run_dir"]) / "checkpoints" / "best.ckpt").is_file()

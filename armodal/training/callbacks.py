@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
 __all__ = [
     "last_checkpoint",
     "best_checkpoint",
+    "early_stopping",
     "progress_bar",
     "lr_monitor",
     "SampleCallback",
@@ -36,6 +37,13 @@ def best_checkpoint(dirpath: str, monitor: str = "val/nll", mode: str = "min") -
         dirpath=dirpath, filename="best", monitor=monitor, mode=mode, save_top_k=1, auto_insert_metric_name=False,
         enable_version_counter=False,
     )
+
+
+def early_stopping(monitor: str = "val/nll", patience: int = 2, mode: str = "min", min_delta: float = 0.0) -> EarlyStopping:
+    """Stop after ``patience`` validations in a row without a better ``monitor`` (each validation
+    counts once, also with a step-based ``val_check_interval``); ``best.ckpt`` keeps the best one."""
+    return EarlyStopping(monitor=monitor, patience=patience, mode=mode, min_delta=min_delta,
+                         check_on_train_epoch_end=False, verbose=True)
 
 
 def progress_bar(refresh_rate: int = 10) -> TQDMProgressBar:
