@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
 from armodal.modalities.music.analysis import (
     bar_keys,
@@ -14,6 +17,7 @@ from armodal.modalities.music.analysis import (
     parallels,
     sonorities,
 )
+from armodal.modalities.music import ChoraleDataModule, ChoraleTokenizer, score_to_grid
 from armodal.modalities.music.chorales import Chorale, load_chorales, save_chorales
 
 
@@ -129,3 +133,104 @@ def test_chorale_file_round_trip(tmp_path):
         load_chorales(tmp_path / "bad.npz")
     with pytest.raises(FileNotFoundError, match="missing.npz"):
         load_chorales(tmp_path / "missing.npz")
+
+
+# ----------------------------------------------------------------------------- corpus grid and tokenizer
+CORPUS = Path(__file__).resolve().parents[1] / "datasets" / "bach_chorales" / "chorales.npz"
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_chorales(CORPUS)
+
+
+def test_corpus_file_holds_the_chorales_with_fermatas_keys_and_splits(corpus):
+    assert len(corpus) >= 340
+    splits = {s: sum(c.split == s for c in corpus) for s in ("train", "valid", "test", "excluded")}
+    assert splits["train"] >= 150 and splits["valid"] >= 30 and splits["test"] >= 30
+    assert all(c.fermata.any() for c in corpus[:50])  # phrase endings are marked
+    assert {c.bar_len for c in corpus} <= {12, 16, 24}
+    assert all(0 <= c.first_pos < c.bar_len for c in corpus)
+    assert sum(c.first_pos == 12 for c in corpus if c.bar_len == 16) > 100  # most start on a one-beat pickup
+    # same names never sit in two splits
+    names = {}
+    for c in corpus:
+        assert names.setdefault(c.name, c.split) == c.split
+
+
+def test_corpus_conversion_matches_music21(corpus):
+    """A chorale parsed from music21's corpus again gives the stored grid, fermatas, key and pickup."""
+    from music21 import corpus as m21corpus
+
+    from armodal.modalities.music.chorales import chorale_from_music21
+
+    stored = {c.name: c for c in corpus}
+    for name in ("bach/bwv269", "bach/bwv347"):
+        fresh = chorale_from_music21(m21corpus.parse(name), name=name)
+        ref = stored[name]
+        np.testing.assert_array_equal(fresh.grid, ref.grid)
+        np.testing.assert_array_equal(fresh.fermata, ref.fermata)
+        assert (fresh.tonic, fresh.mode, fresh.bar_len, fresh.first_pos) == (ref.tonic, ref.mode, ref.bar_len,
+                                                                               ref.first_pos)
+    bwv269 = stored["bach/bwv269"]  # G major, 3/4, one-beat pickup: starts at 16th 8 of the bar
+    assert (bwv269.tonic, bwv269.mode, bwv269.bar_len, bwv269.first_pos) == (7, "major", 12, 8)
+
+
+def test_chorale_grid_round_trips_on_corpus_chorales(corpus):
+    """ids -> Chorale and grid -> MIDI -> grid give back exactly what the grid holds."""
+    tok = ChoraleTokenizer(hold_types=8)
+    for ch in corpus[::7]:
+        ids = tok.encode(ch)
+        back = tok.decode(ids)
+        np.testing.assert_array_equal(back.grid, ch.grid)
+        np.testing.assert_array_equal(back.fermata, ch.fermata)
+        assert (back.tonic, back.mode, back.bar_len, back.first_pos) == (ch.tonic, ch.mode, ch.bar_len, ch.first_pos)
+        assert tok.grammar_errors(ids) == 0
+        np.testing.assert_array_equal(score_to_grid(tok.to_score(ids))[: len(ch.grid)], ch.grid[: len(
+            score_to_grid(tok.to_score(ids)))])
+
+
+def test_chorale_types_are_causal_and_carry_the_bar_position(corpus):
+    tok = ChoraleTokenizer(hold_types=8)
+    ch = next(c for c in corpus if c.bar_len == 16 and c.first_pos == 12)
+    ids = tok.encode(ch)[None]
+    ty = tok.types(ids)
+    for cut in (1, 3, 5, 37, 201):
+        assert torch.equal(tok.types(ids[:, :cut]), ty[:, :cut])  # a prefix's types are the prefix of the types
+    voice, pos = ty[0] % 4, (ty[0] // 4) % tok.max_bar
+    assert voice[4:12].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]  # S1 at index 4 (BOS KEY METER POS first)
+    assert pos[4:8].tolist() == [12] * 4 and pos[8:12].tolist() == [13] * 4 and pos[20:24].tolist() == [0] * 4
+    window = tok.encode(ch[16:80], bos=False)[None]  # a window inside the piece: header, no BOS
+    assert ((tok.types(window)[0, 3:] // 4) % tok.max_bar)[:4].tolist() == [12] * 4  # step 16 sits at 12 too
+
+
+def test_chorale_grammar_agrees_with_the_mask(corpus):
+    tok = ChoraleTokenizer()
+    ids = tok.encode(corpus[0][:8])
+    assert tok.grammar_errors(ids) == 0
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        bad = ids.clone()
+        bad[int(rng.integers(1, len(bad)))] = int(rng.integers(0, tok.vocab_size))
+        by_mask = sum(int(not tok.allowed_next(bad[None, :t])[0, bad[t]]) for t in range(len(bad)))
+        assert tok.grammar_errors(bad) >= min(1, by_mask)
+        if by_mask == 0:
+            assert tok.grammar_errors(bad) == 0
+    alto_fermata = ids.clone()
+    alto_fermata[5] = alto_fermata[4] if alto_fermata[4] >= tok.fermata0 else tok.fermata0 + 20  # alto: no fermata ids
+    assert tok.grammar_errors(alto_fermata) >= 1
+    with pytest.raises(ValueError, match="5/4"):
+        tok.encode(Chorale("odd", np.full((20, 4), 60.0), np.zeros(20, bool), 0, "major", 20, 0))
+
+
+def test_chorale_datamodule_windows_and_scoring():
+    dm = ChoraleDataModule(str(CORPUS), batch_size=4, window_steps=32, stride_steps=16, hold_types=8)
+    dm.setup()
+    b = next(iter(dm.train_dataloader()))
+    assert b["ids"].shape[1] <= dm.max_seq_len and b["types"].max() < dm.tokenizer.num_types
+    for row, mask in zip(b["ids"], b["loss_mask"]):
+        if row[0] != dm.tokenizer.bos_id:  # a window inside a piece: its header is context, not a target
+            assert not mask[:3].any() and mask[3]
+    pieces = dm.pieces("valid")
+    scored = sum(int(x["loss_mask"].sum()) for x in dm.val_dataloader())
+    assert scored == sum(4 * len(c) + 3 for c in pieces)  # every voice-step once, + KEY METER POS of each piece

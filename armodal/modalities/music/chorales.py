@@ -69,6 +69,17 @@ class Chorale:
     def meter(self) -> str:
         return f"{self.bar_len // 4}/4" if self.bar_len % 4 == 0 else f"{self.bar_len}/16"
 
+    def __len__(self) -> int:
+        return len(self.grid)
+
+    def __getitem__(self, steps: slice) -> "Chorale":
+        """Steps ``[a:b]`` of the chorale (bar position moved along), like slicing a grid."""
+        if not isinstance(steps, slice) or steps.step not in (None, 1):
+            raise TypeError("a Chorale is sliced by a contiguous range of steps, e.g. ch[16:80]")
+        a = range(len(self.grid))[steps].start if len(range(len(self.grid))[steps]) else 0
+        return Chorale(self.name, self.grid[steps], self.fermata[steps], self.tonic, self.mode, self.bar_len,
+                       (self.first_pos + a) % self.bar_len, self.split)
+
     def transposed(self, shift: int) -> "Chorale":
         """The same chorale ``shift`` semitones higher (key moved along)."""
         return Chorale(self.name, self.grid + shift, self.fermata.copy(), (self.tonic + shift) % 12, self.mode,
@@ -336,7 +347,7 @@ def convert_corpus_chorales(out_path: str | Path, jsb_path: str | Path | None = 
         if verbose and (i + 1) % 50 == 0:
             print(f"[music] chorales: {i + 1}/{len(names)} parsed", flush=True)
     if jsb_path is not None:
-        from armodal.modalities.music import load_jsb
+        from armodal.modalities.music.data import load_jsb
 
         counts = assign_jsb_splits(chorales, load_jsb(jsb_path))
         if verbose:
