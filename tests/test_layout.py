@@ -286,3 +286,27 @@ def test_scripts_paths_come_from_conf_paths(monkeypatch, tmp_path):
     monkeypatch.setenv("ARMODAL_SHARED_DATA", str(tmp_path / "d"))
     p = load_paths(cache_dir=tmp_path / "c")
     assert (p["runs_dir"], p["data_dir"], p["cache_dir"]) == (tmp_path / "r", tmp_path / "d", tmp_path / "c")
+
+
+def test_base_install_without_modality_extras(tmp_path):
+    """With the music / image / spatial dependencies missing, the core and the tokens modality work, and
+    asking for another modality's part names the pip extra to install."""
+    code = f"""
+import sys
+for m in ("miditok", "symusic", "music21", "scanpy", "anndata", "timm", "safetensors"):  # torchvision: lightning probes it
+    sys.modules[m] = None  # as if not installed (find_spec still sees them: keep to what lightning does not probe)
+from armodal.utils import registry
+from armodal.modalities.base import load_tokenizer
+from armodal.modalities.tokens import TokensTokenizer
+TokensTokenizer(7).save({str(tmp_path)!r})
+assert load_tokenizer({str(tmp_path)!r}).n_symbols == 7
+failed = registry.import_builtin_modalities()
+assert {{"music", "spatial"}} <= set(failed), failed  # image imports its extras lazily
+try:
+    registry.get("tokenizer", "music.remi")
+except registry.RegistryError as e:
+    print(e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT_DIR, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "pip install 'armodal[music]'" in out.stdout and "no tokenizer registered as 'music.remi'" in out.stdout
