@@ -21,6 +21,25 @@ from armodal.modalities.music import ChoraleDataModule, ChoraleTokenizer, score_
 from armodal.modalities.music.chorales import Chorale, load_chorales, save_chorales
 
 
+def random_chorale(rng: np.random.Generator, steps: int, split: str = "train") -> Chorale:
+    """A random four-voice chorale (4/4 or 3/4, random pickup, fermatas every 2 bars) for fixtures."""
+    bar = int(rng.choice([12, 16]))
+    grid = np.repeat(rng.integers(48, 76, size=(steps // 4 + 1, 4)).astype(np.float64), 4, axis=0)[:steps]
+    grid[:, 0] += 5  # the soprano on top most of the time
+    fermata = (np.arange(steps) // 4) % 8 == 7
+    return Chorale(f"random{int(rng.integers(1e6))}", grid, fermata, int(rng.integers(12)),
+                   str(rng.choice(["major", "minor"])), bar, int(rng.choice([0, bar - 4])), split)
+
+
+def write_chorales(path: Path, n: tuple[int, int, int] = (6, 3, 3), seed: int = 0) -> Path:
+    """A small chorale grid file with random pieces in train / valid / test (and one excluded)."""
+    rng = np.random.default_rng(seed)
+    pieces = [random_chorale(rng, int(rng.integers(24, 90)), split) for split, m in zip(("train", "valid", "test"), n)
+              for _ in range(m)]
+    pieces.append(random_chorale(rng, 40, "excluded"))
+    return save_chorales(pieces, path)
+
+
 def four_bars(chords, fermata_last: bool = True, bar_len: int = 16) -> Chorale:
     """Four whole-note chords (S, A, T, B MIDI pitches) in 4/4 -> a Chorale; fermata on the last."""
     grid = np.repeat(np.asarray(chords, dtype=np.float64), bar_len, axis=0)

@@ -29,6 +29,7 @@ import torch
 from symusic import Note, Score, Track
 from torch.utils.data import DataLoader, Dataset
 
+from armodal.modalities.base import register_datamodule
 from armodal.modalities.music.chorales import Chorale, load_chorales
 from armodal.modalities.music.grid import NUM_VOICES, transpose_grid
 from armodal.modalities.music.midi_io import DEFAULT_MAX_BYTES, MIDI_SUFFIXES, BadMidiError, read_midi
@@ -138,6 +139,7 @@ class _EvalWindows(Dataset):
         return self.items[k]
 
 
+@register_datamodule("music.midi")
 class MidiDataModule(pl.LightningDataModule):
     """Tokenized MIDI folder.  Batches: ``ids`` [B, T] and ``loss_mask`` [B, T] (non-pad).
 
@@ -414,6 +416,7 @@ class _JSBEvalWindows(Dataset):
         return self.items[i]
 
 
+@register_datamodule("music.jsb")
 class JSBDataModule(pl.LightningDataModule):
     """JSB chorales: train on ``train``, validate on ``valid``, test on ``test``.
 
@@ -495,6 +498,7 @@ class JSBDataModule(pl.LightningDataModule):
         return self.splits[split]
 
 
+@register_datamodule("music.chorales")
 class ChoraleDataModule(JSBDataModule):
     """Bach's chorales from music21's corpus (:mod:`armodal.modalities.music.chorales`) on the JSB grid,
     with a key / meter / pickup header and soprano fermatas (:class:`ChoraleTokenizer`).

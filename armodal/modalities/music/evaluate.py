@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from symusic import Score
 
+from armodal.modalities.base import register_evaluator
+
 __all__ = ["piece_stats", "pitch_class_histogram", "compare_sets", "as_chorale", "MusicEvaluator"]
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -104,6 +106,7 @@ def as_chorale(piece) -> "Chorale":
     return Chorale("piece", grid, np.zeros(len(grid), dtype=bool), tonic, mode, 16, 0)
 
 
+@register_evaluator("music")
 class MusicEvaluator:
     """``armodal-eval`` hook: sample ``num_samples`` pieces and compare them with held-out pieces.
 

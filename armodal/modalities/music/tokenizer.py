@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from symusic import Score, Track
 
-from armodal.modalities.base import Tokenizer
+from armodal.modalities.base import Tokenizer, register_tokenizer
 from armodal.modalities.music.chorales import Chorale
 from armodal.modalities.music.grid import JSB_HIGH, JSB_LOW, NUM_VOICES, grid_to_score, score_to_grid
 from armodal.modalities.music.midi_io import read_midi
@@ -70,6 +70,7 @@ def merge_tracks(score: Score) -> Score:
     return out
 
 
+@register_tokenizer("music.midilike", "music.remi")
 class MidiTokenizer(Tokenizer):
     """miditok MIDI-Like or REMI behind armodal's :class:`Tokenizer` interface.
 
@@ -317,6 +318,10 @@ class MidiTokenizer(Tokenizer):
     def save_extra(self, directory: Path) -> None:
         self.tok.save(Path(directory) / MIDITOK_FILE)
 
+    @property
+    def registry_name(self) -> str:
+        return f"music.{self.kind}"  # music.midilike | music.remi
+
     @classmethod
     def from_state(cls, state: dict, directory: Path) -> "MidiTokenizer":
         path = Path(directory) / MIDITOK_FILE
@@ -326,6 +331,7 @@ class MidiTokenizer(Tokenizer):
 
 
 # ----------------------------------------------------------------------------- JSB grid tokenizer
+@register_tokenizer("music.jsb")
 class JSBTokenizer(Tokenizer):
     """Grid ``[T, 4]`` (MIDI pitch or NaN) <-> ids ``BOS s a t b s a t b ... EOS``.
 
@@ -521,6 +527,7 @@ HEADER_LEN = 3  # KEY METER POS after BOS
 METERS = (12, 16, 24)  # bar lengths in 16ths the corpus holds: 3/4, 4/4, 3/2
 
 
+@register_tokenizer("music.chorales")
 class ChoraleTokenizer(JSBTokenizer):
     """A :class:`Chorale` <-> ids ``BOS KEY METER POS s a t b s a t b ... EOS``.
 
