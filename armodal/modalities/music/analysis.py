@@ -43,6 +43,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from armodal.modalities.music.chorales import Chorale
+from armodal.modalities.music.grid import voice_notes
 
 __all__ = [
     "CHORALE_RATES",
@@ -60,21 +61,6 @@ CHORALE_RATES = ("polyphony", "note_density", "key_stability", "voice_crossing_p
 
 
 # ----------------------------------------------------------------------------- notes and sonorities
-def _notes(col: np.ndarray) -> list[tuple[int, int, int]]:
-    """One voice column [T] -> notes (start, end, pitch); a held pitch is one note."""
-    out, t = [], 0
-    while t < len(col):
-        if np.isnan(col[t]):
-            t += 1
-            continue
-        start = t
-        while t + 1 < len(col) and col[t + 1] == col[start]:
-            t += 1
-        out.append((start, t + 1, int(col[start])))
-        t += 1
-    return out
-
-
 def onset_steps(grid: np.ndarray) -> np.ndarray:
     """Steps [K] at which some voice starts a note (its pitch differs from the step before)."""
     g = np.nan_to_num(grid, nan=-1)
@@ -200,7 +186,7 @@ def chorale_counts(ch: Chorale) -> dict[str, float]:
     """Additive counts of one chorale (pooled by :func:`chorale_metrics`)."""
     grid = ch.grid
     sounding = (~np.isnan(grid)).sum(1)
-    notes = [n for v in range(grid.shape[1]) for n in _notes(grid[:, v])]
+    notes = [n for v in range(grid.shape[1]) for n in voice_notes(grid[:, v])]
     steps, chords = sonorities(grid)
     vl, p5, p8 = parallels(chords)
     gkey, keys = bar_keys(ch)
@@ -229,7 +215,7 @@ def _pc_hist(chorales: Iterable[Chorale]) -> np.ndarray:
     h = np.zeros(12)
     for ch in chorales:
         for v in range(ch.grid.shape[1]):
-            for _, _, p in _notes(ch.grid[:, v]):
+            for _, _, p in voice_notes(ch.grid[:, v]):
                 h[p % 12] += 1
     return h / max(h.sum(), 1.0)
 

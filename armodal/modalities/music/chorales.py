@@ -161,45 +161,6 @@ def chorale_from_music21(score, name: str = "score") -> Chorale:
                    bar_len=bar_len, first_pos=first_pos)
 
 
-def chorale_to_music21(ch: Chorale, qpm: float = 80.0):
-    """A :class:`Chorale` -> a music21 Score (four parts, measures, fermatas on the soprano); for
-    analysis and MusicXML export."""
-    from music21 import expressions, key, meter, note, stream, tempo
-
-    score = stream.Score()
-    for v, vname in enumerate(VOICES):
-        part = stream.Part(id=vname)
-        part.partName = vname.capitalize()
-        m_ts = meter.TimeSignature(ch.meter)
-        part.insert(0, m_ts)
-        if v == 0:
-            part.insert(0, key.Key(_PC_NAMES[ch.tonic], ch.mode))
-            part.insert(0, tempo.MetronomeMark(number=qpm))
-        col = ch.grid[:, v]
-        t = 0
-        while t < len(col):
-            start, p = t, col[t]
-            while t + 1 < len(col) and ((np.isnan(p) and np.isnan(col[t + 1])) or col[t + 1] == p) \
-                    and not (v == 0 and ch.fermata[t + 1] != ch.fermata[start]):
-                t += 1
-            ql = (t + 1 - start) / 4
-            el = note.Rest(quarterLength=ql) if np.isnan(p) else note.Note(int(p), quarterLength=ql)
-            if v == 0 and ch.fermata[start] and not np.isnan(p):
-                el.expressions.append(expressions.Fermata())
-            part.insert((start - 0) / 4 + _shift_q(ch), el)
-            t += 1
-        score.insert(0, part)
-    return score
-
-
-def _shift_q(ch: Chorale) -> float:
-    """Offset (quarters) of step 0 in a score whose first full bar starts at a bar line."""
-    return ch.first_pos / 4 if ch.first_pos else 0.0
-
-
-_PC_NAMES = ("C", "C#", "D", "E-", "E", "F", "F#", "G", "A-", "A", "B-", "B")
-
-
 # ----------------------------------------------------------------------------- splits
 def _soprano_onsets(grid: np.ndarray) -> tuple[int, ...]:
     """The soprano as a tuple of (pitch) at each note onset, held notes merged."""

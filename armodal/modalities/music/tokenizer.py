@@ -393,18 +393,22 @@ class JSBTokenizer(Tokenizer):
         parts = ([self.bos_id] if bos else []) + body.tolist() + ([self.eos_id] if eos else [])
         return torch.tensor(parts, dtype=torch.long)
 
+    def _piece_ids(self, ids: torch.Tensor) -> list[int]:
+        """ids -> list without the leading BOS, without PAD, up to the first EOS."""
+        ids = torch.as_tensor(ids).reshape(-1).tolist()
+        if ids and ids[0] == self.bos_id:
+            ids = ids[1:]
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return [i for i in ids if i != self.pad_id]
+
     def decode(self, ids: torch.Tensor) -> np.ndarray:
         """ids [T] -> grid [steps, 4] (float, NaN = rest).
 
         Specials are dropped, decoding stops at the first EOS and an incomplete last
         step is dropped (it cannot come out of constrained decoding).
         """
-        ids = torch.as_tensor(ids).reshape(-1).tolist()
-        if ids and ids[0] == self.bos_id:
-            ids = ids[1:]
-        if self.eos_id in ids:
-            ids = ids[: ids.index(self.eos_id)]
-        ids = [i for i in ids if i != self.pad_id]
+        ids = self._piece_ids(ids)
         if any(i < self.num_specials and i != self.rest_id for i in ids):
             raise ValueError("JSB ids hold a BOS/PAD inside the piece: not a valid sequence")
         steps = len(ids) // NUM_VOICES
@@ -618,12 +622,7 @@ class ChoraleTokenizer(JSBTokenizer):
 
     def decode(self, ids: torch.Tensor) -> Chorale:
         """ids -> :class:`Chorale` (stops at EOS; an incomplete last step is dropped)."""
-        ids = torch.as_tensor(ids).reshape(-1).tolist()
-        if ids and ids[0] == self.bos_id:
-            ids = ids[1:]
-        if self.eos_id in ids:
-            ids = ids[: ids.index(self.eos_id)]
-        ids = [i for i in ids if i != self.pad_id]
+        ids = self._piece_ids(ids)
         if len(ids) < HEADER_LEN:
             raise ValueError(f"chorale ids hold no complete header (KEY METER POS): {ids}")
         k, m, p = ids[0] - self.key0, ids[1] - self.meter0, ids[2] - self.pos0
