@@ -68,7 +68,8 @@ def do_entry(entry: dict, collect_only: bool) -> dict:
             return [{**row, "name": f"{name} [{d.get(label, i)}]", "metrics": flat(d)} for i, d in enumerate(data)]
         row["metrics"] = flat(data)
         return row
-    train_cmd = [str(BIN / "armodal-train"), f"experiment={name}", *entry.get("train", [])]
+    # overwrite=true: reproducing re-runs from scratch, also into a pinned run folder that already holds a run
+    train_cmd = [str(BIN / "armodal-train"), f"experiment={name}", "overwrite=true", *entry.get("train", [])]
     shown = ["armodal-train", *train_cmd[1:]]
     if "run_dir" in entry:
         train_cmd.append(f"run_dir={ROOT / entry['run_dir']}")

@@ -73,7 +73,7 @@ def main() -> None:
         run_dir = out / fold
         if not args.skip_train:
             run(["armodal-train", "experiment=spatial_her2st", f"modality.data.test_section={fold}", f"run_dir={run_dir}",
-                 "logger=csv", "callbacks.progress.refresh_rate=0", *args.overrides], log)
+                 "overwrite=true", "logger=csv", "callbacks.progress.refresh_rate=0", *args.overrides], log)
         metrics = run_dir / "eval" / "metrics.json"
         run(["armodal-eval", f"ckpt={run_dir / 'checkpoints' / args.ckpt}", f"out={metrics}",
              f"num_samples={args.num_samples}"], log)

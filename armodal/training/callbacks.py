@@ -12,6 +12,9 @@ import torch
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
+from armodal.training.checkpoint import BestCheckpoint
+from armodal.utils.safety import constructible
+
 __all__ = [
     "last_checkpoint",
     "best_checkpoint",
@@ -23,6 +26,7 @@ __all__ = [
 ]
 
 
+@constructible
 def last_checkpoint(dirpath: str, every_n_train_steps: int = 200) -> ModelCheckpoint:
     """``last.ckpt`` every N steps and at the end of training (what ``resume=true`` restarts from)."""
     return ModelCheckpoint(
@@ -31,14 +35,16 @@ def last_checkpoint(dirpath: str, every_n_train_steps: int = 200) -> ModelCheckp
     )
 
 
+@constructible
 def best_checkpoint(dirpath: str, monitor: str = "val/nll", mode: str = "min") -> ModelCheckpoint:
-    """``best.ckpt``: the checkpoint with the best monitored validation metric."""
-    return ModelCheckpoint(
+    """``best.ckpt``: the checkpoint with the best monitored validation metric (only ever replaced by a better one)."""
+    return BestCheckpoint(
         dirpath=dirpath, filename="best", monitor=monitor, mode=mode, save_top_k=1, auto_insert_metric_name=False,
         enable_version_counter=False,
     )
 
 
+@constructible
 def early_stopping(monitor: str = "val/nll", patience: int = 2, mode: str = "min", min_delta: float = 0.0) -> EarlyStopping:
     """Stop after ``patience`` validations in a row without a better ``monitor`` (each validation
     counts once, also with a step-based ``val_check_interval``); ``best.ckpt`` keeps the best one."""
@@ -46,10 +52,12 @@ def early_stopping(monitor: str = "val/nll", patience: int = 2, mode: str = "min
                          check_on_train_epoch_end=False, verbose=True)
 
 
+@constructible
 def progress_bar(refresh_rate: int = 10) -> TQDMProgressBar:
     return TQDMProgressBar(refresh_rate=refresh_rate)
 
 
+@constructible
 def lr_monitor() -> LearningRateMonitor:
     return LearningRateMonitor(logging_interval="step")
 
