@@ -80,7 +80,7 @@ def test_tokens_evaluator_on_a_model(tmp_path):
 # ----------------------------------------------------------------------------- import arrows
 def test_import_armodal_loads_no_cli_module():
     code = ("import sys, armodal; armodal.ARModel; armodal.load; "
-            "bad = [m for m in ('armodal.train', 'armodal.generate', 'armodal.eval') if m in sys.modules]; "
+            "bad = [m for m in ('armodal.train', 'armodal.generate', 'armodal.eval', 'armodal.export') if m in sys.modules]; "
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT_DIR, check=True)
     assert out.stdout.strip() == "", f"importing armodal imported CLI modules: {out.stdout}"

@@ -206,3 +206,22 @@ def test_typed_override_is_checked_against_the_signature():
         check_config_types({"module": {"optimizer": {"_target_": "armodal.training.optim.adamw", "lrr": 1.0}}}, "cfg")
     check_config_types({"trainer": {"max_steps": 10, "precision": "bf16-mixed", "val_check_interval": 0.5}}, "cfg",
                        {"trainer": pl.Trainer})
+
+
+@pytest.mark.parametrize("name", CORPUS_NAMES)
+def test_hostile_export_config_is_refused_and_runs_nothing(name, hostile, tmp_path):
+    """An exported folder whose config.yaml is hostile (its manifest hash updated to match)."""
+    from armodal.training.checkpoint import file_hashes
+
+    marker, corpus = hostile
+    node, key = corpus[name]
+    out = tmp_path / "export"
+    (out / "tokenizer").mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"")
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(_place(name, node))))
+    manifest = {"format": "armodal-pretrained", "format_version": 1, "modality": "tokens", "weights": {"tied": {}},
+                "files": file_hashes(out)}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UnsafeTargetError, match=re.escape(f"{out / 'config.yaml'}: key {key}")):
+        armodal.load(out)
+    assert not marker.exists()

@@ -24,7 +24,6 @@ blocks for four parts; the shared transformer never sees the modality's name.
 
 from __future__ import annotations
 
-import importlib
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -123,7 +122,7 @@ class Tokenizer(ABC):
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """Rebuild a saved tokenizer; only classes inside ``armodal`` are accepted."""
-    from armodal.utils.safety import check_target
+    from armodal.utils.safety import locate_target
 
     directory = Path(directory)
     path = directory / TOKENIZER_FILE
@@ -134,10 +133,8 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         target = payload["_target_"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a valid armodal tokenizer file ({e})") from None
-    check_target(target, source=str(path))
-    target = MOVED_TOKENIZERS.get(target, target)
-    module, _, name = target.rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
+    target = MOVED_TOKENIZERS.get(target, target) if isinstance(target, str) else target
+    cls = locate_target(target, source=str(path))  # armodal classes only; imports nothing outside armodal
     if not (isinstance(cls, type) and issubclass(cls, Tokenizer)):
         raise ValueError(f"{path}: {target} is not an armodal Tokenizer")
     return cls.from_state(payload["state"], directory)
