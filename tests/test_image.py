@@ -263,7 +263,7 @@ def test_fashion_mnist_idx_gunzip_fixture(tmp_path):
     dm = ImageDataModule(source="fashion_mnist", root=str(raw), cache_dir=str(tmp_path / "cache"), val_size=5)
     dm.prepare_data()
     dm.setup()
-    assert (tmp_path / "cache" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()
+    assert len(list((tmp_path / "cache").glob("fashion_mnist-*/FashionMNIST/raw/train-images-idx3-ubyte"))) == 1
     assert {k: len(v) for k, v in dm.splits.items()} == {"train": 25, "val": 5, "test": 10}
     assert dm.class_names[9] == "Ankle boot"
 

@@ -40,6 +40,7 @@ __all__ = [
     "safe_config",
     "check_config_types",
     "check_choice",
+    "load_npz_arrays",
 ]
 
 ROOT_PACKAGE = "armodal"
@@ -335,3 +336,59 @@ def check_choice(name: str, value: Any, choices: typing.Iterable[Any], owner: st
         where = f"{owner}: " if owner else ""
         raise ConfigValueError(f"{where}{name}={value!r} is not one of {', '.join(repr(c) for c in choices)}")
     return value
+
+
+# -- arrays without pickle ---------------------------------------------------------------
+_NUMPY_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+                  ("numpy._core.multiarray", "_reconstruct")}
+
+
+def _numpy_only_unpickler(fp, source: str, encoding: str):
+    """An unpickler for nested NumPy arrays (an object array of arrays) that refuses every other global."""
+    import pickle
+
+    import numpy as np
+
+    class NumpyOnly(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if (module, name) not in _NUMPY_GLOBALS:
+                raise UnsafeTargetError(f"{source}: refusing to unpickle {module}.{name}; only NumPy arrays are "
+                                        "read from this file")
+            if name == "_reconstruct":
+                try:
+                    from numpy._core.multiarray import _reconstruct
+                except ImportError:  # pragma: no cover - NumPy 1.x
+                    from numpy.core.multiarray import _reconstruct
+                return _reconstruct
+            return getattr(np, name)
+
+    return NumpyOnly(fp, encoding=encoding)
+
+
+def load_npz_arrays(path: str | Path, encoding: str = "latin1") -> dict:
+    """Read every array of an ``.npz`` like ``np.load(..., allow_pickle=True)`` would, except that an
+    object array (e.g. a list of variable-length arrays) is unpickled with only NumPy's own array
+    classes allowed: a file that carries any other object is refused instead of run."""
+    import zipfile
+
+    import numpy as np
+    from numpy.lib import format as npformat
+
+    out = {}
+    with zipfile.ZipFile(path) as z:
+        for member in z.namelist():
+            if not member.endswith(".npy"):
+                continue
+            with z.open(member) as f:
+                version = npformat.read_magic(f)
+                read = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
+                shape, fortran, dtype = read(f)
+                if not dtype.hasobject:
+                    f.seek(0)
+                    arr = npformat.read_array(f, allow_pickle=False)
+                else:
+                    arr = _numpy_only_unpickler(f, f"{path}:{member}", encoding).load()
+                    if not isinstance(arr, np.ndarray):
+                        raise UnsafeTargetError(f"{path}:{member}: not an array")
+            out[member[:-4]] = arr
+    return out

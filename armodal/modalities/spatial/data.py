@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytorch_lightning as pl
@@ -38,6 +38,8 @@ from armodal.modalities.spatial.io import (
 )
 from armodal.modalities.spatial.patches import extract_patches, patch_plan
 from armodal.modalities.spatial.tokenizer import BinnedExpressionTokenizer, ExpressionTokenizer, RVQExpressionTokenizer
+from armodal.utils.cache import content_key
+from armodal.utils.safety import check_choice
 
 __all__ = ["SpatialDataModule", "neighbourhoods"]
 
@@ -60,6 +62,23 @@ def neighbourhoods(xy: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     d, _ = cKDTree(xy).query(xy, k=2)
     spacing = float(np.median(d[:, 1])) if n > 1 else 1.0
     return idx, (xy[idx] - xy[:, None]) / spacing
+
+
+def section_content_key(root: str | Path, adata) -> str:
+    """What a section's patch features depend on: the data root, the H&E image file's size, mtime and
+    SHA-256 (or the image held in the AnnData), the spot ids and their coordinates."""
+    import hashlib
+
+    lib = next(iter(adata.uns.get("spatial", {})), None)
+    entry = adata.uns["spatial"][lib] if lib is not None else {}
+    src = str((entry.get("metadata") or {}).get("source_image_path") or "")
+    files = [src] if src and Path(src).is_file() else []
+    h = hashlib.sha256()
+    if not files:
+        for k in sorted(entry.get("images") or {}):
+            h.update(np.ascontiguousarray(entry["images"][k]).tobytes())
+    h.update(np.ascontiguousarray(np.asarray(adata.obsm["spatial"], dtype=np.float64)).tobytes())
+    return content_key(root, files, spots=list(map(str, adata.obs_names)), rest=h.hexdigest())
 
 
 class _SpotDataset(Dataset):
@@ -91,11 +110,11 @@ class SpatialDataModule(pl.LightningDataModule):
         root: str,
         sections: list[str],
         test_section: str | None = None,
-        layout: str = "her2st",
+        layout: Literal["her2st", "visium", "h5ad"] = "her2st",
         panel: str | None = None,
         n_hvg: int = 785,
-        on_missing_genes: str = "error",
-        on_mismatch: str = "warn",
+        on_missing_genes: Literal["error", "warn"] = "error",
+        on_mismatch: Literal["warn", "error"] = "warn",
         tokenizer: dict | None = None,
         features: dict | None = None,
         neighbours: int = 6,
@@ -106,6 +125,10 @@ class SpatialDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        owner = type(self).__name__
+        check_choice("layout", layout, ("her2st", "visium", "h5ad"), owner)
+        check_choice("on_missing_genes", on_missing_genes, ("error", "warn"), owner)
+        check_choice("on_mismatch", on_mismatch, ("warn", "error"), owner)
         self.root, self.layout = Path(root), layout
         self.section_names = [str(s) for s in sections]
         if test_section is not None and str(test_section) not in self.section_names:
@@ -117,6 +140,7 @@ class SpatialDataModule(pl.LightningDataModule):
         self.panel_path, self.n_hvg = panel, n_hvg
         self.on_missing_genes, self.on_mismatch = on_missing_genes, on_mismatch
         self.tok_cfg = {"kind": "rvq", "n_levels": 4, "codebook_size": 32, "pca_dim": 0, "n_bins": 8, **(tokenizer or {})}
+        check_choice("tokenizer.kind", self.tok_cfg["kind"], ("rvq", "binned"), owner)
         known = {f.name for f in fields(FeatureConfig)}
         unknown = set(features or {}) - known
         if unknown:
@@ -156,10 +180,12 @@ class SpatialDataModule(pl.LightningDataModule):
             return lambda: extract_patches(self.adatas[s], size=fc.patch_size, unit=fc.patch_unit,
                                            out_px=fc.patch_px, outside=fc.outside)[0]
 
+        content = {s: section_content_key(self.root, self.adatas[s]) for s in self.section_names}
         self.extractor = FeatureExtractor(
-            fc, self.cache_dir, train_sections=self.train_sections,
+            fc, self.cache_dir, train_sections=[f"{s}:{content[s]}" for s in self.train_sections],
             train_patches=lambda: np.concatenate([patches(s)() for s in self.train_sections]))
-        self.feats = {s: self.extractor.features(s, patches(s), list(self.adatas[s].obs_names)) for s in self.section_names}
+        self.feats = {s: self.extractor.features(s, patches(s), list(self.adatas[s].obs_names), content[s])
+                      for s in self.section_names}
         self.feat_dim = self.extractor.dim
 
         self.nbr = {s: neighbourhoods(np.asarray(a.obsm["spatial"]), self.neighbours) for s, a in self.adatas.items()}

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from armodal.modalities.spatial.io import SpatialDataError
+from armodal.utils.cache import atomic_write, writable_dir
 from armodal.modalities.spatial.patches import augment
 
 __all__ = ["FeatureConfig", "build_backbone", "train_simclr", "FeatureExtractor"]
@@ -162,7 +163,8 @@ class FeatureExtractor:
         self-supervised stage actually has to run)."""
         self.cfg = cfg
         self.key = cfg.key(train_sections)
-        self.cache_dir = Path(cache_dir) / "spatial" / f"{cfg.backbone}-{cfg.weights}-{self.key}" if cache_dir else None
+        base = writable_dir(Path(cache_dir) / "spatial" if cache_dir else None, "cache")
+        self.cache_dir = base / f"{cfg.backbone}-{cfg.weights}-{self.key}" if base is not None else None
         self.info: dict = {"backbone": cfg.backbone, "weights": cfg.weights, "key": self.key}
         ckpt = cfg.checkpoint if (cfg.weights == "checkpoint" or cfg.checkpoint) else None
         if cfg.weights == "checkpoint" and not cfg.checkpoint:
@@ -180,10 +182,9 @@ class FeatureExtractor:
                     train_patches = train_patches()
                 self.info.update(train_simclr(self.model, train_patches, cfg))
                 if wpath is not None:
-                    wpath.parent.mkdir(parents=True, exist_ok=True)
-                    torch.save(self.model.state_dict(), str(wpath) + ".tmp")
-                    Path(str(wpath) + ".tmp").replace(wpath)
-                    (self.cache_dir / "ssl.json").write_text(json.dumps(self.info))
+                    state = self.model.state_dict()
+                    atomic_write(self.cache_dir / "ssl.json", lambda tmp: tmp.write_text(json.dumps(self.info)))
+                    atomic_write(wpath, lambda tmp: torch.save(state, tmp))  # last: marks the entry complete
         self.model.eval()
 
     @property
@@ -195,15 +196,21 @@ class FeatureExtractor:
         """[N, 3, H, W] in [0, 1] -> [N, F]."""
         return torch.cat([self.model(_normalise(self.model, x[i : i + batch])) for i in range(0, len(x), batch)])
 
-    def features(self, name: str, patches, obs_names: list[str]) -> torch.Tensor:
-        """Cached per section: [V, N, F] (view 0 plain, views 1.. augmented with a fixed seed).
+    def features(self, name: str, patches, obs_names: list[str], content: str = "") -> torch.Tensor:
+        """Cached per section and content: [V, N, F] (view 0 plain, views 1.. augmented with a fixed seed).
 
-        ``patches``: uint8 [N, H, W, 3] or a callable returning them (called on a cache miss)."""
-        path = self.cache_dir / f"{name}.pt" if self.cache_dir else None
+        ``patches``: uint8 [N, H, W, 3] or a callable returning them (called on a cache miss);
+        ``content``: a key of what the patches come from (image file hash, spots, data root), so a
+        replaced image is never served stale features."""
+        path = self.cache_dir / f"{name}-{content}.pt" if self.cache_dir and content else None
         if path is not None and path.is_file():
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            if blob["obs_names"] == list(obs_names):
-                return blob["feats"]
+            try:
+                blob = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - a damaged cache entry is recomputed
+                log.warning("%s: unreadable feature cache (%s); recomputing", path, type(e).__name__)
+            else:
+                if blob["obs_names"] == list(obs_names):
+                    return blob["feats"]
         if callable(patches):
             patches = patches()
         x = _to_float(patches)
@@ -211,7 +218,9 @@ class FeatureExtractor:
         views = [self.embed(x)] + [self.embed(augment(x, g)) for _ in range(self.cfg.n_views - 1)]
         feats = torch.stack(views).float()  # [V, N, F]
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"feats": feats, "obs_names": list(obs_names)}, str(path) + ".tmp")
-            Path(str(path) + ".tmp").replace(path)
+            blob = {"feats": feats, "obs_names": list(obs_names)}
+            try:
+                atomic_write(path, lambda tmp: torch.save(blob, tmp))
+            except OSError as e:
+                log.warning("%s: could not write the feature cache (%s); continuing without it", path, e)
         return feats

@@ -27,6 +27,8 @@ import scanpy as sc
 import scipy.sparse as sp
 from PIL import Image
 
+from armodal.utils.safety import check_choice
+
 __all__ = [
     "SpatialDataError",
     "read_her2st",
@@ -335,7 +337,12 @@ def load_panel(path: str | Path) -> list[str]:
     if not path.is_file():
         raise SpatialDataError(f"{path}: panel file not found")
     if path.suffix == ".npy":
-        genes = [str(g) for g in np.load(path, allow_pickle=True).ravel()]
+        try:  # a plain string array: never unpickle (a pickled .npy can run code)
+            genes = [str(g) for g in np.load(path, allow_pickle=False).ravel()]
+        except ValueError as e:
+            raise SpatialDataError(
+                f"{path}: the panel must be a plain array of gene symbols; this file holds pickled Python objects "
+                f"and is not loaded ({e}). Re-save it with np.save(path, np.array(genes, dtype=str))") from None
     else:
         genes = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
     if not genes:
@@ -366,6 +373,7 @@ def apply_panel(
     Genes absent from some section raise, or with ``on_missing='warn'`` are removed from
     the panel for all sections with a warning naming them and their count.
     """
+    check_choice("on_missing_genes", on_missing, ("error", "warn"), "apply_panel")
     missing: dict[str, list[str]] = {}
     for name, a in sections.items():
         miss = [g for g in genes if g not in a.var_names]
