@@ -117,6 +117,14 @@ def test_export_writes_safetensors_config_tokenizer_manifest(run, tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=true"):
         _export(run / "checkpoints" / "best.ckpt", out)
     _export(run / "checkpoints" / "best.ckpt", out, "overwrite=true")
+    from armodal.eval import evaluate
+    from armodal.generate import generate
+    from tests.conftest import compose_cfg
+
+    g = generate(compose_cfg("generate", [f"ckpt={out}", "num_samples=2", f"out_dir={tmp_path / 'gen'}"]))
+    assert g["num_samples"] == 2
+    m = evaluate(compose_cfg("eval", [f"ckpt={out}", f"out={tmp_path / 'eval.json'}", "data.batch_size=8"]))
+    assert m["val"]["tokens"] > 0
 
 
 def test_export_loads_without_unpickling_anything(run, tmp_path, monkeypatch):

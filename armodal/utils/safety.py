@@ -250,8 +250,8 @@ def _mismatch(value: Any, hint: Any) -> bool:
         return value is not None
     if hint is bool:
         return not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, bool) or not isinstance(value, int)
+    if hint is int:  # an integral float (YAML 1e5) is accepted
+        return isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer()))
     if hint is float:
         return isinstance(value, bool) or not isinstance(value, (int, float))
     if hint is str:
