@@ -79,17 +79,25 @@ def locate_target(target: Any, source: str = "config", key: str = "_target_") ->
     Mirrors Hydra's lookup (attribute first, then submodule import) but checks every
     step: a module must be part of armodal, any other intermediate object must be a class
     defined in armodal, and the result must be a class defined in armodal or a
-    :func:`constructible` function.  Only armodal's own modules are ever imported.
+    :func:`constructible` function.  Only armodal's own modules are ever imported.  A part
+    registered in :mod:`armodal.utils.registry` (e.g. a plugin modality the user imported) is
+    accepted wherever it lives; it is looked up through already-imported modules only.
     """
+
+    from armodal.utils.registry import registered_object
 
     def refuse(why: str) -> UnsafeTargetError:
         return UnsafeTargetError(f"{_where(source, key)}: refusing _target_={target!r}: {why}")
 
     if not isinstance(target, str):
         raise refuse("a target must be a dotted name string")
+    registered = registered_object(target)  # a registered modality part (a plugin the user imported)
+    if registered is not None:
+        return registered
     parts = target.split(".")
     if parts[0] != ROOT_PACKAGE or len(parts) < 2:
-        raise refuse(f"only names defined in the {ROOT_PACKAGE} package can be rebuilt from a saved file")
+        raise refuse(f"only names defined in the {ROOT_PACKAGE} package or registered modality parts can be "
+                     "rebuilt from a saved file")
     for part in parts[1:]:
         if not part.isidentifier() or part.startswith("__"):
             raise refuse(f"{part!r} is not an allowed name step")
