@@ -22,12 +22,16 @@ def evaluate(cfg: DictConfig) -> dict:
     if not cfg.get("ckpt"):
         raise ValueError("armodal-eval needs ckpt=PATH (a checkpoint written by armodal-train)")
     ckpt = Path(cfg.ckpt).resolve()
-    _, saved = load_checkpoint_meta(ckpt)
-    is_ar = is_ar_config(saved)
-    if is_ar:
-        model = load(ckpt, device=pick_device(cfg.device), use_ema=cfg.use_ema)
-    else:  # another stage (e.g. the image VQ tokenizer): only the modality's own metrics apply
-        model = load_stage(ckpt, device=pick_device(cfg.device))
+    if ckpt.is_dir():  # a folder written by armodal-export: an AR model with its config
+        model = load(ckpt, device=pick_device(cfg.device))
+        saved, is_ar = model.config, True
+    else:
+        _, saved = load_checkpoint_meta(ckpt)
+        is_ar = is_ar_config(saved)
+        if is_ar:
+            model = load(ckpt, device=pick_device(cfg.device), use_ema=cfg.use_ema)
+        else:  # another stage (e.g. the image VQ tokenizer): only the modality's own metrics apply
+            model = load_stage(ckpt, device=pick_device(cfg.device))
     data_cfg = OmegaConf.merge(saved.modality.data, cfg.get("data") or {})
     dm = instantiate(data_cfg)
     dm.prepare_data()
@@ -47,7 +51,8 @@ def evaluate(cfg: DictConfig) -> dict:
             test_loader = None
         if test_loader is not None:
             metrics["test"] = dataset_nll(model, test_loader, mb)
-    out = Path(cfg.out) if cfg.get("out") else ckpt.parent.parent / "eval_metrics.json"
+    default = ckpt.parent / f"{ckpt.name}-eval" if ckpt.is_dir() else ckpt.parent.parent  # never inside an export
+    out = Path(cfg.out) if cfg.get("out") else default / "eval_metrics.json"
     if saved.modality.get("evaluator") is not None and cfg.get("domain_metrics", True):
         evaluator = instantiate(saved.modality.evaluator, **OmegaConf.to_container(OmegaConf.create(cfg.get("evaluator") or {}), resolve=True))
         metrics.update(evaluator(model=model, datamodule=dm, out_dir=out.parent, num_samples=cfg.num_samples))
