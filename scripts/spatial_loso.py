@@ -1,13 +1,16 @@
-"""Nested leave-one-section-out on her2st: inner LOSO selects each variant's setting, outer runs report.
+"""Nested leave-one-section-out on her2st: inner LOSO selects the settings, outer runs report.
 
-Reads the plan from ``scripts/spatial_loso.yaml`` (sections, seeds, variants and their candidate
-grids).  For every outer fold F and variant:
+Reads the plan from ``scripts/spatial_loso.yaml`` (sections, seeds, variants, candidates).  For every
+outer fold F (the held-out section), with T its three training sections:
 
-1. inner selection -- for each candidate of the grid and each training section v: train on the other
-   training sections (``modality.data.sections`` = the training sections only, so F is never read),
-   evaluate on v; the candidate with the best mean inner ``ar_pcc_mean`` wins (ties: the first);
-2. outer runs -- the winner is trained on the three training sections with every seed and evaluated
-   on F (AR metrics, the in-run ridge baseline, coverage, Moran's I, the stain-robustness drop).
+1. ``select`` (cheap, shared by the variants) -- every candidate of the image pipeline (e.g. the stain
+   normalisation) is scored by the ridge probe on the fold's own encoder features of T only: for each v
+   in T, ridge on T \ {v} (its L2 chosen inside, by leave-one-section-out on T \ {v}) predicts v; the
+   candidate with the best mean PCC over the three v wins (ties: the first listed);
+2. ``grid`` of a variant (optional, costly) -- each candidate AR setting is trained on T \ {v} and
+   evaluated on v (``modality.data.sections`` = T only, so F is never read); best mean inner PCC wins;
+3. outer runs -- the variant with the selected settings is trained on T with every seed and evaluated
+   once on F (AR metrics, the in-run ridge baseline, coverage, Moran's I, the stain-robustness drop).
 
 Every run is ``armodal-train`` then ``armodal-eval`` in a fresh folder under
 ``runs/spatial_loso/<tag>/<stamp>/``; ``manifest.json`` there lists each run with its command and
@@ -110,12 +113,78 @@ class Runner:
         return m
 
 
+def probe_select(options: dict, train_secs: list[str], data_overrides: list[str]) -> tuple[list[str], list[float]]:
+    """Score every combination of ``options`` (config key -> values) by the inner-LOSO ridge probe on the
+    training sections' encoder features (plain view) -> (winning overrides, mean inner PCC per candidate)."""
+    import numpy as np
+
+    from armodal.modalities.spatial import (FeatureConfig, FeatureExtractor, apply_panel, extract_patches, load_panel,
+                                            normalize_log1p, pearson_per_gene, read_section, ridge_baseline)
+    from armodal.modalities.spatial.features import _to_float
+    from armodal.utils.config import CONF_DIR, register_resolvers
+
+    cands = _candidates(options)
+    if len(cands) == 1:
+        return cands[0], [float("nan")]
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["experiment=spatial_her2st", *data_overrides])
+    GlobalHydra.instance().clear()
+    d = OmegaConf.to_container(cfg.modality.data, resolve=True)
+    secs = {s: read_section(d["layout"], root=d["root"], section=s) for s in train_secs}
+    norm, _ = apply_panel({s: normalize_log1p(a) for s, a in secs.items()}, load_panel(d["panel"]),
+                          on_missing=d["on_missing_genes"])
+    y = {s: np.asarray(a.X.todense() if hasattr(a.X, "todense") else a.X, np.float32) for s, a in norm.items()}
+    base = FeatureConfig(**{**d["features"], "ssl_sections": train_secs})
+    patches = {s: extract_patches(secs[s], size=base.patch_size, unit=base.patch_unit, out_px=base.patch_px,
+                                  outside=base.outside)[0] for s in train_secs}
+    hires = {s: np.asarray(next(iter(a.uns["spatial"].values()))["images"]["hires"]) for s, a in secs.items()}
+    scores = []
+    for cand in cands:
+        fopts = {}
+        for o in cand:
+            k, v = o.split("=", 1)
+            if not k.startswith("modality.data.features."):
+                raise ValueError(f"select: {k} is not an image-pipeline setting (modality.data.features.*)")
+            fopts[k.removeprefix("modality.data.features.")] = v
+        fx = FeatureExtractor(FeatureConfig(**{**d["features"], "ssl_sections": train_secs, **fopts}), d["cache_dir"],
+                              train_sections=train_secs, train_patches=lambda: np.concatenate([patches[s] for s in train_secs]),
+                              reference_images=lambda: [hires[s] for s in train_secs])
+        f = {s: fx.embed(_to_float(fx.prepare(patches[s], hires[s]))).numpy() for s in train_secs}
+        inner = []
+        for v in train_secs:
+            rest = [s for s in train_secs if s != v]
+            pred, _ = ridge_baseline(np.concatenate([f[s] for s in rest]), np.concatenate([y[s] for s in rest]),
+                                     np.concatenate([[s] * len(f[s]) for s in rest]), f[v])
+            inner.append(float(np.nanmean(pearson_per_gene(pred, y[v]))))
+        scores.append(sum(inner) / len(inner))
+        print(f"  probe {' '.join(cand)} on {train_secs}: inner PCC {[round(x, 4) for x in inner]} mean {scores[-1]:.4f}", flush=True)
+    best = max(range(len(cands)), key=lambda i: (scores[i], -i))
+    return cands[best], scores
+
+
 def nested(runner: Runner, plan: dict, folds: list[str], variants: list[str], seeds: list[int]) -> dict:
     sections = plan["sections"]
     result: dict = {"folds": {}}
     for fold in folds:
         train_secs = [s for s in sections if s != fold]
         ssl = f"modality.data.features.ssl_sections=[{','.join(train_secs)}]"
+        key = f"{fold}/select"
+        if plan.get("select") and key not in runner.manifest.setdefault("select", {}):
+            if runner.dry_run or runner.collect_only:
+                chosen, scores = _candidates(plan["select"])[0], []
+            else:
+                chosen, scores = probe_select(plan["select"], train_secs, [*plan.get("data", [])])
+                runner.manifest["select"][key] = {"candidates": _candidates(plan["select"]), "inner_pcc": scores,
+                                                  "selected": chosen}
+                runner._save()
+        sel = runner.manifest.get("select", {}).get(key, {"selected": [], "inner_pcc": [], "candidates": []})
+        result.setdefault("select", {})[fold] = sel
         for name in variants:
             var = plan["variants"][name]
             cands = _candidates(var.get("grid") or {})
@@ -124,13 +193,15 @@ def nested(runner: Runner, plan: dict, folds: list[str], variants: list[str], se
                 inner = []
                 for v in train_secs if len(cands) > 1 else []:
                     m = runner.run(f"{fold}/{name}/inner_c{ci}_{v}", train_secs, v, plan["inner_seed"],
-                                   [*var["fixed"], *cand, ssl], plan["inner_num_samples"], plan["inner_eval"])
+                                   [*plan.get("data", []), *sel["selected"], *var["fixed"], *cand, ssl],
+                                   plan["inner_num_samples"], plan["inner_eval"])
                     inner.append(None if m is None else m["ar_pcc_mean"])
                 scores.append(sum(inner) / len(inner) if inner and None not in inner else float("nan"))
             best = 0 if len(cands) == 1 else max(range(len(cands)), key=lambda i: (scores[i] if scores[i] == scores[i] else -1, -i))
             outer = []
             for seed in seeds:
-                m = runner.run(f"{fold}/{name}/seed{seed}", sections, fold, seed, [*var["fixed"], *cands[best], ssl],
+                m = runner.run(f"{fold}/{name}/seed{seed}", sections, fold, seed,
+                               [*plan.get("data", []), *sel["selected"], *var["fixed"], *cands[best], ssl],
                                plan["num_samples"], plan["eval"])
                 outer.append(m)
             result["folds"].setdefault(fold, {})[name] = {
@@ -179,7 +250,15 @@ def table(result: dict, variants: list[str]) -> str:
     avg += [f"{sum(ridge_all) / len(folds):.3f}", "",
             f"{sum(hg) / len(hg):.3f}" if None not in hg else "", f"{sum(rg) / len(rg):.3f}" if None not in rg else ""]
     lines.append("| " + " | ".join(avg) + " |")
-    out = "\n".join(lines) + "\n\nPer variant (mean ± sd over seeds, per fold):\n\n"
+    out = "\n".join(lines) + "\n\n"
+    if result.get("select"):
+        out += "Image pipeline selected per fold by the inner-LOSO ridge probe on the training sections:\n\n"
+        out += "| held-out | candidates: mean inner PCC | selected |\n|---|---|---|\n"
+        for f, sel in result["select"].items():
+            cands = ", ".join(f"{' '.join(c)}: {x:.4f}" for c, x in zip(sel["candidates"], sel["inner_pcc"]))
+            out += f"| {f} | {cands} | {' '.join(sel['selected'])} |\n"
+        out += "\n"
+    out += "Per variant (mean ± sd over seeds, per fold):\n\n"
     out += ("| variant | held-out | selected (inner LOSO) | inner PCC per candidate | AR PCC | ridge PCC | AR / ridge "
             "| coverage 90 % | Moran's I ratio AR (ridge) | one-sample map Moran ratio | stain drop low / medium / high |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|\n")

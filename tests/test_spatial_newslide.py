@@ -54,7 +54,7 @@ def test_spots_from_csv_and_off_image_spots_dropped(tmp_path):
         a = new_section(image=path, spots=tmp_path / "spots.csv", um_per_px=0.5)
     assert list(a.obs_names) == ["a", "b"]
     np.testing.assert_allclose(a.obsm["spatial"], [[150, 100], [200, 120]])
-    from armodal.modalities.spatial._patches import extract_patches  # noqa: PLC0415
+    from armodal.modalities.spatial.patches import extract_patches
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -114,3 +114,68 @@ def test_h5ad_without_counts(tmp_path):
         new_section(h5ad=tmp_path / "x.h5ad")
     b = new_section(h5ad=tmp_path / "x.h5ad", um_per_px=2.0)
     assert b.n_obs == 3 and b.uns["spatial"]["lib"]["scalefactors"]["microns_per_pixel"] == 2.0
+
+
+# ----------------------------------------------------------------------------- prediction on a new slide
+def _tiny_model(tmp_path, sequence="window"):
+    """An untrained model with everything a trained one carries: tokenizer + saved encoder + config."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from armodal.ar_model import ARModel
+    from armodal.models import build_transformer
+    from armodal.modalities.base import load_tokenizer
+    from armodal.modalities.spatial import FeatureConfig, FeatureExtractor, RVQExpressionTokenizer, SpatialConditioner
+
+    rng = np.random.default_rng(0)
+    x = np.log1p(rng.poisson(2.0, (80, 6))).astype(np.float32)
+    tok = RVQExpressionTokenizer.fit(x, [f"g{i}" for i in range(6)], n_levels=2, codebook_size=4,
+                                     window_radius=3 if sequence == "window" else None, n_slots=3)
+    tok.encoder = FeatureExtractor(FeatureConfig(backbone="resnet18", weights="random", patch_size=20.0, patch_px=16,
+                                                 stain_norm="macenko"), None,
+                                   reference_images=[np.asarray(Image.open(_slide(tmp_path)).convert("RGB"))])
+    tok.save(tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok")  # the encoder comes back from the saved files
+    torch.manual_seed(0)
+    net = build_transformer(vocab_size=tok.vocab_size, num_types=tok.num_types, max_seq_len=128, d_model=32, n_layer=1, n_head=2)
+    cond = SpatialConditioner(32, feat_dim=512, max_offset=8.0)
+    cfg = OmegaConf.create({"modality": {"name": "spatial", "data": {"sequence": sequence, "window_size": 6,
+                                                                    "order": "hilbert", "neighbours": 2}}})
+    return ARModel(net.eval(), tok, cond.eval(), cfg)
+
+
+@pytest.mark.parametrize("how", ["csv", "grid"])
+def test_predict_new_slide_writes_h5ad_and_maps(tmp_path, how):
+    from armodal.modalities.spatial.sampler import SpatialSampler
+
+    model = _tiny_model(tmp_path)
+    path = _slide(tmp_path)
+    if how == "csv":
+        xs, ys = np.meshgrid(np.arange(120, 290, 25.0), np.arange(70, 240, 25.0))
+        pd.DataFrame({"x": xs.ravel(), "y": ys.ravel()}).to_csv(tmp_path / "spots.csv", index=False)
+        kw = {"spots": str(tmp_path / "spots.csv")}
+    else:
+        kw = {"spots": "grid", "spot_um": 12.5}
+    sampler = SpatialSampler(data=None, image=str(path), um_per_px=0.5, **kw)
+    s = sampler(model, 4, tmp_path / "out", temperature=1.0, seed=3)
+    pred = ad.read_h5ad(s["h5ad"])
+    assert pred.n_obs == s["n_spots"] and pred.n_vars == 6
+    assert pred.n_obs == (49 if how == "csv" else 64)  # 7 x 7 listed spots; a 25-px grid over the 200x200-px tissue
+    assert {"std", "q05", "q95"} <= set(pred.layers) and "measured" not in pred.layers
+    assert (pred.layers["q05"] <= pred.layers["q95"] + 1e-6).all() and (pred.layers["std"] >= 0).all()
+    assert np.isfinite(pred.X).all() and s["n_windows"] > 1 and s["layout"]["order"] == "hilbert"
+    assert (tmp_path / "out" / "slide_maps.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="cfg_scale.*not supported by modality 'spatial'"):
+        sampler(model, 4, tmp_path / "out2", cfg_scale=2.0)
+
+
+def test_new_slide_refusals_through_the_sampler(tmp_path):
+    from armodal.modalities.spatial.sampler import SpatialSampler
+
+    model = _tiny_model(tmp_path, sequence="spot")
+    with pytest.raises(SpatialDataError, match="um_per_px=<value>"):
+        SpatialSampler(data=None, image=str(_slide(tmp_path)), spots="grid", spot_um=12.5)(model, 2, tmp_path / "o")
+    model.tokenizer.encoder = None
+    model.tokenizer._encoder_dir = None
+    with pytest.raises(SpatialDataError, match="without its H&E encoder"):
+        SpatialSampler(data=None, image=str(_slide(tmp_path)), spots="grid", spot_um=12.5, um_per_px=0.5)(model, 2, tmp_path / "o")

@@ -116,3 +116,25 @@ def test_stain_perturbation_is_seeded_and_grows_with_strength():
     change = [np.abs(perturb_slide_stain(img, s, 0).astype(float) - img).mean() for s in ("low", "medium", "high")]
     assert 0 < change[0] < change[1] < change[2]
     assert list(STAIN_STRENGTHS) == ["low", "medium", "high"]
+
+
+def test_patch_stain_jitter_is_the_slide_perturbation_per_patch():
+    """augment(stain_sigma=s) applies perturb_slide_stain's HED change, drawn per patch."""
+    import torch
+
+    from armodal.modalities.spatial.patches import stain_jitter
+    from armodal.modalities.spatial.stain import _HED_FROM_RGB, _RGB_FROM_HED
+
+    img = np.random.default_rng(0).integers(20, 250, (2, 6, 6, 3)).astype(np.uint8)
+    x = torch.tensor(img).permute(0, 3, 1, 2).float() / 255
+    g = torch.Generator().manual_seed(5)
+    y = stain_jitter(x, 0.1, g)
+    g.manual_seed(5)
+    a = 1 + 0.1 * (2 * torch.rand(2, 3, generator=g) - 1)
+    b = 0.1 * (2 * torch.rand(2, 3, generator=g) - 1)
+    for i in range(2):
+        od = -np.log(np.maximum(img[i].astype(float), 1) / 255)
+        ref = np.exp(-(od @ (_HED_FROM_RGB @ np.diag(a[i].double().numpy()) @ _RGB_FROM_HED) + b[i].double().numpy() @ _RGB_FROM_HED))
+        np.testing.assert_allclose(y[i].permute(1, 2, 0).numpy(), np.clip(ref, 0, 1), atol=1e-5)
+    assert not torch.allclose(y[0] / x[0].clamp_min(1e-3), y[1] / x[1].clamp_min(1e-3))  # each patch its own change
+    torch.testing.assert_close(stain_jitter(x, 0.0, g), x.clamp_min(1 / 255), atol=1e-6, rtol=0)

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from armodal.modalities.spatial._io import SpatialDataError, load_image_scaled  # noqa: PLC0415 (renamed by layout)
+from armodal.modalities.spatial.io import SpatialDataError, load_image_scaled
 
 __all__ = ["new_section", "read_spots_csv", "tissue_mask", "grid_spots", "HIRES_MAX_SIDE"]
 
@@ -221,19 +221,9 @@ def _hires(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
 
 
 def _from_h5ad(path: Path, um_per_px: float | None, name: str | None) -> ad.AnnData:
-    from armodal.modalities.spatial._io import read_h5ad_section  # noqa: PLC0415 (renamed by layout)
+    from armodal.modalities.spatial.io import read_h5ad_section
 
-    if not path.is_file():
-        raise SpatialDataError(f"{path}: file not found")
-    raw = ad.read_h5ad(path)
-    libs = raw.uns.get("spatial", {})
-    sf = next(iter(libs.values()), {}).get("scalefactors", {}) if len(libs) == 1 else {}
-    if um_per_px is None and "microns_per_pixel" not in sf and "spot_diameter_fullres" not in sf:
-        raise _um_per_px_required(str(path))
-    a = read_h5ad_section(path)
-    entry = next(iter(a.uns["spatial"].values()))
-    if um_per_px is not None:
-        entry["scalefactors"]["microns_per_pixel"] = float(um_per_px)
+    a = read_h5ad_section(path, um_per_px=um_per_px)
     a = ad.AnnData(X=np.zeros((a.n_obs, 0), np.float32), obs=a.obs[[]].copy(), obsm={"spatial": a.obsm["spatial"]},
                    uns={"spatial": a.uns["spatial"]})
     a.obs["section"] = name or next(iter(a.uns["spatial"]))
