@@ -141,9 +141,14 @@ def probe_select(options: dict, train_secs: list[str], data_overrides: list[str]
                           on_missing=d["on_missing_genes"])
     y = {s: np.asarray(a.X.todense() if hasattr(a.X, "todense") else a.X, np.float32) for s, a in norm.items()}
     base = FeatureConfig(**{**d["features"], "ssl_sections": train_secs})
-    patches = {s: extract_patches(secs[s], size=base.patch_size, unit=base.patch_unit, out_px=base.patch_px,
-                                  outside=base.outside)[0] for s in train_secs}
+
+    def cut(s):
+        return extract_patches(secs[s], size=base.patch_size, unit=base.patch_unit, out_px=base.patch_px, outside=base.outside)[0]
+
     hires = {s: np.asarray(next(iter(a.uns["spatial"].values()))["images"]["hires"]) for s, a in secs.items()}
+    enc = FeatureExtractor(base, d["cache_dir"], train_sections=train_secs,
+                           train_patches=lambda: np.concatenate([cut(s) for s in train_secs]))
+    patches = {s: enc.patches(s, lambda s=s: cut(s), list(secs[s].obs_names)) for s in train_secs}
     scores = []
     for cand in cands:
         fopts = {}

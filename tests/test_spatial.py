@@ -365,6 +365,10 @@ def test_tiny_end_to_end_cpu(tmp_path, monkeypatch, variant):
             "modality.data.features.patch_size=100", "modality.data.features.patch_px=32",
             "modality.data.features.n_views=2", "modality.data.val_fraction=0.2", "modality.data.batch_size=8"]
     if variant == "window":
+        for img_path in (root / "ST-imgs").glob("**/*.jpg"):  # H&E-like colours (purple tissue, darker to the right)
+            h, w = np.asarray(Image.open(img_path)).shape[:2]
+            ramp = np.broadcast_to(np.linspace(1.0, 0.55, w)[None, :, None], (h, w, 1))
+            Image.fromarray((np.array([200.0, 150.0, 215.0]) * ramp).astype(np.uint8)).save(img_path, quality=95)
         data += ["modality.data.features.weights=random", "modality.data.features.stain_norm=macenko",
                  "modality.data.window_size=8", "modality.data.order=hilbert"]
     else:

@@ -240,8 +240,13 @@ class SpatialDataModule(pl.LightningDataModule):
         cache = self._patches
         if s not in cache:
             fc = self.feat_cfg
-            cache[s] = extract_patches(self.adatas[s], size=fc.patch_size, unit=fc.patch_unit, out_px=fc.patch_px,
+
+            def extract():
+                return extract_patches(self.adatas[s], size=fc.patch_size, unit=fc.patch_unit, out_px=fc.patch_px,
                                        outside=fc.outside)[0]
+
+            ext = getattr(self, "extractor", None)
+            cache[s] = ext.patches(s, extract, list(self.adatas[s].obs_names)) if ext is not None else extract()
         return cache[s]
 
     def section_image(self, s: str) -> np.ndarray:

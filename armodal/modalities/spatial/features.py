@@ -250,6 +250,22 @@ class FeatureExtractor:
         """[N, 3, H, W] in [0, 1] -> [N, F]."""
         return torch.cat([self.model(_normalise(self.model, x[i : i + batch])) for i in range(0, len(x), batch)])
 
+    def patches(self, name: str, extract, obs_names: list[str]) -> np.ndarray:
+        """uint8 patches [N, px, px, 3] of a section, cached next to the backbone (its key holds the patch
+        geometry); ``extract()`` cuts them from the full-resolution image on a miss."""
+        path = self.cache_dir / f"patches-{name}.npz" if self.cache_dir else None
+        if path is not None and path.is_file():
+            z = np.load(path, allow_pickle=False)
+            if list(z["obs_names"]) == list(obs_names):
+                return z["patches"]
+        p = extract()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp.npz")
+            np.savez(tmp, patches=p, obs_names=np.asarray(obs_names, dtype=str))
+            tmp.replace(path)
+        return p
+
     def prepare(self, patches: np.ndarray, image: np.ndarray | None, perturb: tuple[str | float, int] | None = None) -> np.ndarray:
         """Patches as the backbone sees them: optionally stain-perturbed (``(strength, seed)``, the same change
         for the whole slide), then stain-normalised with a map fitted on the slide ``image``."""

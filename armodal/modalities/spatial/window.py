@@ -83,14 +83,15 @@ def sample_windows(
     size: int,
     order: str,
     generate_fn,
-    windows_per_batch: int = 8,
+    windows_per_batch: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """K sampled spot ids of every spot -> ([N, K, Q], info).
 
     ``generate_fn(prefix [b, P, D], max_new_tokens, types_fn, num_return_sequences) -> ids [b*K, T]``
     runs the decoding engine (prefill of the H&E prefix, then one token at a time with the KV
-    cache); windows of one batch are decoded together, K rows each.  Each spot's samples come
-    from its owner window.
+    cache); windows of one batch are decoded together, K rows each (default: as many windows as fit
+    in 4096 rows -- the per-token step cost is mostly fixed, so wide batches are cheaper).  Each spot's
+    samples come from its owner window.
     """
     net.eval()
     conditioner.eval()
@@ -98,6 +99,7 @@ def sample_windows(
     n = len(pos)
     q = tokenizer.n_levels
     cov = cover(pos, size)
+    windows_per_batch = windows_per_batch or max(1, 4096 // max(1, num_samples))
     out = torch.zeros((n, num_samples, q), dtype=torch.long)
     filled = torch.zeros(n, dtype=torch.long)
     for a in range(0, len(cov.windows), windows_per_batch):
