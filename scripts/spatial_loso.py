@@ -37,10 +37,10 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from armodal.modalities.spatial import HISTOGENE_PCC, REG2ST_PCC  # the one place these numbers live
+from armodal.utils.config import load_paths
 
-from armodal.modalities.spatial import HISTOGENE_PCC, REG2ST_PCC  # noqa: E402  (the one place these numbers live)
+ROOT = Path(__file__).resolve().parents[1]
 
 BIN = Path(sys.executable).parent
 
@@ -306,7 +306,7 @@ def main() -> None:
         if unknown:
             sys.exit(f"unknown fold(s) / variant(s) {unknown}; the plan has sections {plan['sections']} and "
                      f"variants {list(plan['variants'])}")
-        out = ROOT / "runs" / "spatial_loso" / args.tag / time.strftime("%Y%m%d-%H%M%S")
+        out = load_paths()["runs_dir"] / "spatial_loso" / args.tag / time.strftime("%Y%m%d-%H%M%S")  # ARMODAL_RUNS applies
         if not args.dry_run:
             out.mkdir(parents=True, exist_ok=False)
             (out / "invocation.json").write_text(json.dumps(

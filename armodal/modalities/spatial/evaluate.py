@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import scanpy as sc
 
+from armodal.modalities.base import register_evaluator
 from armodal.modalities.spatial.data import SpatialDataModule
 from armodal.modalities.spatial.geometry import morans_i, neighbour_graph
 from armodal.modalities.spatial.io import SpatialDataError
