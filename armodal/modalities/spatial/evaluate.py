@@ -56,6 +56,7 @@ def moran_summary(maps: dict[str, np.ndarray], measured: np.ndarray, xy: np.ndar
     return out
 
 
+@register_evaluator("spatial")
 class SpatialEvaluator:
     """``armodal-eval``: held-out section metrics for the AR model and the ST-Net-style baseline.
 
