@@ -281,6 +281,33 @@ def table(result: dict, variants: list[str]) -> str:
     return out
 
 
+def summary_rows(result: dict, variants: list[str], invocation: str) -> list[dict]:
+    """One row per (variant, fold) and per variant over the folds (means over seeds), for scripts/reproduce.py."""
+    import statistics
+
+    keys = {"ar_pcc_mean": "ar_pcc", "ridge_pcc_mean": "ridge_pcc", "ar_coverage90": "coverage90",
+            "ar_moran_ratio": "moran_ratio", "ridge_moran_ratio": "ridge_moran_ratio",
+            "ar_stain_drop_low": "stain_drop_low", "ar_stain_drop_medium": "stain_drop_medium",
+            "ar_stain_drop_high": "stain_drop_high"}
+    rows = []
+    for v in variants:
+        per_fold = []
+        for f, r in result["folds"].items():
+            runs = r[v]["runs"]
+            row = {"row": f"{v} {f}", "invocation": invocation, "seeds": len(runs)}
+            for k, name in keys.items():
+                vals = [_get(m, k) for m in runs]
+                row[name] = statistics.fmean(vals)
+                row[name + "_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            row["ar_over_ridge"] = row["ar_pcc"] / row["ridge_pcc"]
+            per_fold.append(row)
+        rows += per_fold
+        names = [*keys.values(), *(n + "_sd" for n in keys.values()), "ar_over_ridge"]  # _sd: mean over folds of the seed sd
+        rows.append({"row": f"{v} mean", "invocation": invocation, "seeds": per_fold[0]["seeds"],
+                     **{k: statistics.fmean(r[k] for r in per_fold) for k in names}})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plan", default=str(ROOT / "scripts" / "spatial_loso.yaml"))
@@ -318,8 +345,10 @@ def main() -> None:
     (out / "loso.json").write_text(json.dumps(result, indent=2, default=str))
     md = table(result, variants)
     (out / "loso.md").write_text(md)
+    rows = out.parent / "rows.json"  # the tag's latest complete invocation, for scripts/reproduce.py
+    rows.write_text(json.dumps(summary_rows(result, variants, out.name), indent=2))
     print(md)
-    print(f"written: {out / 'loso.md'}, {out / 'loso.json'}")
+    print(f"written: {out / 'loso.md'}, {out / 'loso.json'}, {rows}")
 
 
 if __name__ == "__main__":

@@ -86,3 +86,12 @@ def test_plan_file_is_consistent():
     assert plan["sections"] == ["C2", "C3", "C4", "C5"] and len(plan["seeds"]) == 3
     for name, v in plan["variants"].items():
         assert mod._candidates(v.get("grid") or {}), name
+
+
+def test_summary_rows_for_reproduce():
+    mod = _script()
+    res = {"folds": {f: {"w": {"runs": [_metrics(f, 0.2 + 0.01 * s) for s in range(3)]}} for f in ("A", "B")}}
+    rows = mod.summary_rows(res, ["w"], "stamp")
+    assert [r["row"] for r in rows] == ["w A", "w B", "w mean"]
+    assert rows[0]["ar_pcc"] == pytest.approx(0.21) and rows[0]["ar_pcc_sd"] == pytest.approx(0.01)
+    assert rows[2]["ar_over_ridge"] == pytest.approx(2.1) and set(rows[0]) - {"invocation"} <= set(rows[2])

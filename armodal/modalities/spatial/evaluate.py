@@ -24,7 +24,7 @@ from armodal.modalities.spatial.predict import (
     summarise,
     write_json,
 )
-from armodal.modalities.spatial.sampler import plot_genes, predict_section
+from armodal.modalities.spatial.sampler import plot_genes, predict_section, section_features
 
 __all__ = ["SpatialEvaluator", "moran_summary"]
 
@@ -115,9 +115,7 @@ class SpatialEvaluator:
         out.update(moran_summary({"ar": mean, "ar_sample": samples[:, 0], "ridge": base}, y, xy))
         for strength in self.robustness:
             t1 = time.time()
-            names = list(dm.adatas[s].obs_names)
-            fp = dm.extractor.features(s, dm.section_patches(s), names, image=dm.section_image(s),
-                                       perturb=(strength, self.robustness_seed))[0]
+            fp = section_features(model, dm, s, perturb=(strength, self.robustness_seed))
             _, mean_p = predict_section(model, dm, s, num_samples, feats=fp, temperature=self.temperature,
                                         noise=self.noise, seed=self.seed)
             pcc_p = float(np.nanmean(pearson_per_gene(mean_p, y)))

@@ -30,7 +30,7 @@ from armodal.modalities.spatial.predict import (
     sequence_layout,
 )
 
-__all__ = ["SpatialSampler", "predict_section", "predict_new_slide", "plot_genes"]
+__all__ = ["SpatialSampler", "predict_section", "section_features", "predict_new_slide", "plot_genes"]
 
 # generate settings the spatial sampler honours; any other one given is refused by name
 _HONOURED = ("temperature", "top_k", "top_p", "seed", "batch_size")
@@ -67,6 +67,21 @@ def _datamodule(data: Any, section: str | None) -> tuple[SpatialDataModule, str]
     return dm, section
 
 
+def section_features(model, dm: SpatialDataModule, section: str, perturb: tuple | None = None):
+    """Plain patch features [n, F] of a section through the encoder the model was trained with (saved next to
+    its tokenizer); the datamodule's cached features when they come from that same encoder.  ``perturb``:
+    ``(strength, seed)`` of a slide-level stain change applied before the encoder (never cached)."""
+    enc = getattr(model.tokenizer, "encoder", None)
+    same = enc is None or (enc.info.get("key") == dm.extractor.key
+                           and enc.info.get("feature_key") == dm.extractor.cfg.feature_key())
+    if perturb is None and same:
+        return dm.feats[section][0]
+    ext = dm.extractor if same else enc
+    names = list(dm.adatas[section].obs_names)
+    return ext.features(section, lambda: dm.section_patches(section), names, image=lambda: dm.section_image(section),
+                        perturb=perturb, cache=False)[0]
+
+
 def predict_section(model, dm: SpatialDataModule, section: str, num_samples: int, feats=None,
                     **sampling) -> tuple[np.ndarray, np.ndarray]:
     """(samples [n_spots, K, G] with the quantiser residual, point prediction [n_spots, G] = mean of the
@@ -76,7 +91,8 @@ def predict_section(model, dm: SpatialDataModule, section: str, num_samples: int
     if list(tok.genes) != list(dm.genes):
         raise SpatialDataError(f"the model's {len(tok.genes)}-gene panel differs from the data's {len(dm.genes)}-gene panel")
     layout = {"sequence": dm.sequence, "window_size": dm.window_size, "order": dm.order, "neighbours": dm.neighbours}
-    noisy, mean, _ = predict_expression(model.net, model.conditioner, tok, dm.feats[section][0] if feats is None else feats,
+    feats = section_features(model, dm, section) if feats is None else feats
+    noisy, mean, _ = predict_expression(model.net, model.conditioner, tok, feats,
                                         np.asarray(dm.adatas[section].obsm["spatial"]), num_samples, layout, **sampling)
     return noisy, mean
 
