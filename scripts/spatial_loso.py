@@ -174,22 +174,26 @@ def probe_select(options: dict, train_secs: list[str], data_overrides: list[str]
 
 
 def nested(runner: Runner, plan: dict, folds: list[str], variants: list[str], seeds: list[int]) -> dict:
+    """Selection for every fold first, then the outer runs seed by seed (seed 0 of every fold and variant
+    before seed 1), so an interrupted invocation still covers every fold."""
     sections = plan["sections"]
-    result: dict = {"folds": {}}
+    result: dict = {"folds": {}, "select": {}}
+    chosen: dict = {}
     for fold in folds:
         train_secs = [s for s in sections if s != fold]
         ssl = f"modality.data.features.ssl_sections=[{','.join(train_secs)}]"
         key = f"{fold}/select"
         if plan.get("select") and key not in runner.manifest.setdefault("select", {}):
             if runner.dry_run or runner.collect_only:
-                chosen, scores = _candidates(plan["select"])[0], []
+                runner.manifest["select"][key] = {"candidates": _candidates(plan["select"]), "inner_pcc": [],
+                                                  "selected": _candidates(plan["select"])[0]}
             else:
-                chosen, scores = probe_select(plan["select"], train_secs, [*plan.get("data", [])])
+                best, scores = probe_select(plan["select"], train_secs, [*plan.get("data", [])])
                 runner.manifest["select"][key] = {"candidates": _candidates(plan["select"]), "inner_pcc": scores,
-                                                  "selected": chosen}
+                                                  "selected": best}
                 runner._save()
-        sel = runner.manifest.get("select", {}).get(key, {"selected": [], "inner_pcc": [], "candidates": []})
-        result.setdefault("select", {})[fold] = sel
+        sel = runner.manifest.setdefault("select", {}).get(key, {"selected": [], "inner_pcc": [], "candidates": []})
+        result["select"][fold] = sel
         for name in variants:
             var = plan["variants"][name]
             cands = _candidates(var.get("grid") or {})
@@ -203,14 +207,15 @@ def nested(runner: Runner, plan: dict, folds: list[str], variants: list[str], se
                     inner.append(None if m is None else m["ar_pcc_mean"])
                 scores.append(sum(inner) / len(inner) if inner and None not in inner else float("nan"))
             best = 0 if len(cands) == 1 else max(range(len(cands)), key=lambda i: (scores[i] if scores[i] == scores[i] else -1, -i))
-            outer = []
-            for seed in seeds:
-                m = runner.run(f"{fold}/{name}/seed{seed}", sections, fold, seed,
-                               [*plan.get("data", []), *sel["selected"], *var["fixed"], *cands[best], ssl],
-                               plan["num_samples"], plan["eval"])
-                outer.append(m)
-            result["folds"].setdefault(fold, {})[name] = {
-                "candidates": cands, "inner_pcc": scores, "selected": cands[best], "runs": outer}
+            chosen[fold, name] = [*plan.get("data", []), *sel["selected"], *var["fixed"], *cands[best], ssl]
+            result["folds"].setdefault(fold, {})[name] = {"candidates": cands, "inner_pcc": scores,
+                                                          "selected": cands[best], "runs": []}
+    for seed in seeds:
+        for fold in folds:
+            for name in variants:
+                m = runner.run(f"{fold}/{name}/seed{seed}", sections, fold, seed, chosen[fold, name], plan["num_samples"],
+                               plan["eval"])
+                result["folds"][fold][name]["runs"].append(m)
     return result
 
 
@@ -256,7 +261,7 @@ def table(result: dict, variants: list[str]) -> str:
             f"{sum(hg) / len(hg):.3f}" if None not in hg else "", f"{sum(rg) / len(rg):.3f}" if None not in rg else ""]
     lines.append("| " + " | ".join(avg) + " |")
     out = "\n".join(lines) + "\n\n"
-    if result.get("select"):
+    if any(sel.get("candidates") for sel in result.get("select", {}).values()):
         out += "Image pipeline selected per fold by the inner-LOSO ridge probe on the training sections:\n\n"
         out += "| held-out | candidates: mean inner PCC | selected |\n|---|---|---|\n"
         for f, sel in result["select"].items():
