@@ -341,6 +341,7 @@ def _compose(name: str, overrides: list[str]):
 
 @pytest.mark.parametrize("variant", [
     pytest.param("window", id="window-random-encoder"),
+    pytest.param("pixels", id="window-pixels-end-to-end"),
     pytest.param("spot", id="spot-ssl", marks=pytest.mark.slow),  # ~2 min idle: the SSL stage
 ])
 def test_tiny_end_to_end_cpu(tmp_path, monkeypatch, variant):
@@ -364,13 +365,15 @@ def test_tiny_end_to_end_cpu(tmp_path, monkeypatch, variant):
             "modality.data.tokenizer.n_levels=2", "modality.data.tokenizer.codebook_size=8",
             "modality.data.features.patch_size=100", "modality.data.features.patch_px=32",
             "modality.data.features.n_views=2", "modality.data.val_fraction=0.2", "modality.data.batch_size=8"]
-    if variant == "window":
+    if variant in ("window", "pixels"):
         for img_path in (root / "ST-imgs").glob("**/*.jpg"):  # H&E-like colours (purple tissue, darker to the right)
             h, w = np.asarray(Image.open(img_path)).shape[:2]
             ramp = np.broadcast_to(np.linspace(1.0, 0.55, w)[None, :, None], (h, w, 1))
             Image.fromarray((np.array([200.0, 150.0, 215.0]) * ramp).astype(np.uint8)).save(img_path, quality=95)
         data += ["modality.data.features.weights=random", "modality.data.features.stain_norm=macenko",
                  "modality.data.window_size=8", "modality.data.order=hilbert"]
+        if variant == "pixels":
+            data += ["modality.data.inputs=pixels", "modality.conditioner.pixels=true", "modality.conditioner.pixel_width=8"]
     else:
         data += ["modality.data.sequence=spot", "modality.data.features.ssl_epochs=1", "++modality.data.features.ssl_batch=16"]
     train(_compose("train", ["experiment=spatial_her2st", *data, f"run_dir={run}", "model.d_model=32", "model.n_layer=2",
@@ -384,7 +387,8 @@ def test_tiny_end_to_end_cpu(tmp_path, monkeypatch, variant):
     assert (run / "tokenizer" / "encoder.json").is_file() and (run / "tokenizer" / "encoder.pt").is_file()
     model = load(ckpt)
     assert isinstance(model, ARModel) and isinstance(model.tokenizer, RVQExpressionTokenizer)
-    assert (model.tokenizer.window_radius is not None) == (variant == "window")
+    assert (model.tokenizer.window_radius is not None) == (variant != "spot")
+    assert model.conditioner.pixels == (variant == "pixels")
 
     m = evaluate(_compose("eval", [f"ckpt={ckpt}", f"out={tmp_path / 'eval' / 'm.json'}", "num_samples=8",
                                    "+evaluator.robustness=[medium]"]))
@@ -392,7 +396,7 @@ def test_tiny_end_to_end_cpu(tmp_path, monkeypatch, variant):
               "ridge_moran_ratio", "ar_pcc_stain_medium", "ar_stain_drop_medium"):
         assert np.isfinite(m[k]), k
     assert 0 <= m["ar_coverage90"] <= 1 and m["n_genes"] == 20 and m["n_spots"] == 36
-    assert m["sequence"]["sequence"] == variant and np.isfinite(m["test"]["nll"])
+    assert m["sequence"]["sequence"] == ("spot" if variant == "spot" else "window") and np.isfinite(m["test"]["nll"])
     pred = ad.read_h5ad(m["h5ad"])
     assert pred.shape == (36, 20) and {"std", "q05", "q95", "measured", "ridge"} <= set(pred.layers)
     assert (pred.layers["std"] >= 0).all() and (pred.layers["q05"] <= pred.layers["q95"] + 1e-6).all()

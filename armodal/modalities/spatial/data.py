@@ -113,6 +113,7 @@ class SpatialDataModule(pl.LightningDataModule):
         features: dict | None = None,
         neighbours: int = 6,
         sequence: str = "window",
+        inputs: str = "features",
         window_size: int = 16,
         order: str = "raster",
         window_radius: int = 4,
@@ -146,6 +147,9 @@ class SpatialDataModule(pl.LightningDataModule):
         if self.test_section in self.ssl_sections:
             raise SpatialDataError(f"features.ssl_sections includes the held-out test_section {self.test_section!r}: "
                                    "its image would train the encoder")
+        if inputs not in ("features", "pixels"):
+            raise ValueError(f"modality.data.inputs must be 'features' (frozen encoder) or 'pixels' (end to end), got {inputs!r}")
+        self.inputs = inputs
         if sequence not in ("window", "spot"):
             raise ValueError(f"modality.data.sequence must be 'window' or 'spot', got {sequence!r}")
         if order not in ORDERS:
@@ -195,6 +199,9 @@ class SpatialDataModule(pl.LightningDataModule):
         self.feats = {s: self.extractor.features(s, lambda s=s: patches(s), list(self.adatas[s].obs_names),
                                                  image=lambda s=s: image(s)) for s in self.section_names}
         self.feat_dim = self.extractor.dim
+        self.enc_feats = self.feats  # encoder features (the ridge baseline's inputs)
+        if self.inputs == "pixels":  # the conditioner learns from the (normalised) patches themselves
+            self.feats = {s: self._pixel_views(s) for s in self.section_names}
         self.pos = {s: np.asarray(a.obsm["spatial"], np.float64) / spot_spacing(np.asarray(a.obsm["spatial"]))
                     for s, a in self.adatas.items()}  # spot positions in spacing units
 
@@ -250,6 +257,18 @@ class SpatialDataModule(pl.LightningDataModule):
             ext = getattr(self, "extractor", None)
             cache[s] = ext.patches(s, extract, list(self.adatas[s].obs_names)) if ext is not None else extract()
         return cache[s]
+
+    def _pixel_views(self, s: str) -> torch.Tensor:
+        """uint8 [V, n, 3, px, px]: the section's stain-normalised patches, view 0 plain, views 1.. augmented
+        (the encoder's view augmentation, fixed seed)."""
+        from armodal.modalities.spatial.features import _to_float  # noqa: PLC0415 (private helper of a sibling)
+        from armodal.modalities.spatial.patches import augment  # noqa: PLC0415
+
+        fc = self.feat_cfg
+        x = _to_float(self.extractor.prepare(self.section_patches(s), self.section_image(s)))
+        g = torch.Generator().manual_seed(fc.seed + 2)
+        views = [x] + [augment(x, g, hed_sigma=fc.view_hed_sigma, stain_sigma=fc.view_stain_sigma) for _ in range(fc.n_views - 1)]
+        return (torch.stack(views) * 255).round().to(torch.uint8)
 
     def section_image(self, s: str) -> np.ndarray:
         """The downsampled slide image of section ``s`` (for the slide-level stain maps)."""

@@ -104,22 +104,25 @@ class SpatialEvaluator:
         # baseline: same features, direct regression
         xs, ys, gs = [], [], []
         for t in dm.train_sections:
-            f = dm.feats[t].numpy()  # [V, n, F]
+            f = dm.enc_feats[t].numpy()  # [V, n, F] encoder features
             xs.append(f.reshape(-1, f.shape[-1]))
             ys.append(np.tile(dm.expr[t], (f.shape[0], 1)))
             gs.append(np.full(f.shape[0] * f.shape[1], t))
-        base, info = ridge_baseline(np.concatenate(xs), np.concatenate(ys), np.concatenate(gs), dm.feats[s][0].numpy())
+        base, info = ridge_baseline(np.concatenate(xs), np.concatenate(ys), np.concatenate(gs), dm.enc_feats[s][0].numpy())
         out.update(summarise(base, y, hvg, prefix="ridge_"))
         out["ridge"] = info
         xy = np.asarray(dm.adatas[s].obsm["spatial"])
         out.update(moran_summary({"ar": mean, "ar_sample": samples[:, 0], "ridge": base}, y, xy))
         for strength in self.robustness:
             t1 = time.time()
-            fp = section_features(model, dm, s, perturb=(strength, self.robustness_seed))
+            pert = (strength, self.robustness_seed)
+            fp = section_features(model, dm, s, perturb=pert)
             _, mean_p = predict_section(model, dm, s, num_samples, feats=fp, temperature=self.temperature,
                                         noise=self.noise, seed=self.seed)
             pcc_p = float(np.nanmean(pearson_per_gene(mean_p, y)))
-            base_p, _ = ridge_baseline(np.concatenate(xs), np.concatenate(ys), np.concatenate(gs), fp.numpy(),
+            fr = fp if fp.dim() == 2 else dm.extractor.features(s, lambda: dm.section_patches(s), list(dm.adatas[s].obs_names),
+                                                                  image=lambda: dm.section_image(s), perturb=pert, cache=False)[0]
+            base_p, _ = ridge_baseline(np.concatenate(xs), np.concatenate(ys), np.concatenate(gs), fr.numpy(),
                                        alphas=(info["alpha"],))
             ridge_p = float(np.nanmean(pearson_per_gene(base_p, y)))
             out[f"ar_pcc_stain_{strength}"] = pcc_p

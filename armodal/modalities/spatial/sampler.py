@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -74,9 +75,14 @@ def section_features(model, dm: SpatialDataModule, section: str, perturb: tuple 
     enc = getattr(model.tokenizer, "encoder", None)
     same = enc is None or (enc.info.get("key") == dm.extractor.key
                            and enc.info.get("feature_key") == dm.extractor.cfg.feature_key())
+    ext = dm.extractor if same else enc
+    if getattr(model.conditioner, "pixels", False):  # end to end: the normalised patches themselves
+        if perturb is None and same:
+            return dm.feats[section][0]
+        prepared = ext.prepare(dm.section_patches(section), dm.section_image(section), perturb)
+        return torch.from_numpy(prepared).permute(0, 3, 1, 2).contiguous()
     if perturb is None and same:
         return dm.feats[section][0]
-    ext = dm.extractor if same else enc
     names = list(dm.adatas[section].obs_names)
     return ext.features(section, lambda: dm.section_patches(section), names, image=lambda: dm.section_image(section),
                         perturb=perturb, cache=False)[0]
@@ -170,7 +176,10 @@ def predict_new_slide(model, out_dir: str | Path, num_samples: int, *, genes: li
     if not kept.all():
         section = section[kept].copy()
     hires = np.asarray(next(iter(section.uns["spatial"].values()))["images"]["hires"])
-    feats = enc.features(name, patches, list(section.obs_names), image=hires, cache=False)[0]
+    if getattr(model.conditioner, "pixels", False):  # end to end: the conditioner reads the normalised patches
+        feats = torch.from_numpy(enc.prepare(patches, hires)).permute(0, 3, 1, 2).contiguous()
+    else:
+        feats = enc.features(name, patches, list(section.obs_names), image=hires, cache=False)[0]
     layout = sequence_layout(model.config.modality.data) if model.config is not None else sequence_layout({})
     noisy, mean, info = predict_expression(model.net, model.conditioner, model.tokenizer, feats,
                                            np.asarray(section.obsm["spatial"]), num_samples, layout, **sampling)
