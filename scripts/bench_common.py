@@ -25,8 +25,41 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 50257
-PEAK_BW_GBS = {"cuda": 3350.0}  # H100 SXM HBM3; the CPU's is measured (measure_bandwidth)
-PEAK_TFLOPS = {("cuda", "bf16"): 989.0, ("cuda", "fp32"): 67.0}  # H100 SXM dense
+# Vendor peaks of the GPUs we may be lent: HBM bandwidth (GB/s) and dense tensor-core TFLOP/s
+# (bf16; "fp32" is TF32, which float32 matmuls use under set_float32_matmul_precision("high")).
+# Matched on torch.cuda.get_device_name(), most specific first; anything else is measured
+# (gpu_peaks), as the CPU always is.
+GPU_SPECS = [
+    ("H200 NVL", {"bw_GBs": 4800.0, "bf16": 835.0, "fp32": 418.0}),
+    ("H200", {"bw_GBs": 4800.0, "bf16": 989.0, "fp32": 494.0}),  # H200 SXM (HBM3e)
+    ("H100 NVL", {"bw_GBs": 3900.0, "bf16": 835.0, "fp32": 418.0}),
+    ("H100 PCIe", {"bw_GBs": 2000.0, "bf16": 756.0, "fp32": 378.0}),
+    ("H100", {"bw_GBs": 3350.0, "bf16": 989.0, "fp32": 494.0}),  # H100 SXM (HBM3)
+    ("A100-SXM4-80GB", {"bw_GBs": 2039.0, "bf16": 312.0, "fp32": 156.0}),
+    ("A100", {"bw_GBs": 1555.0, "bf16": 312.0, "fp32": 156.0}),  # 40 GB / PCIe
+    ("L40S", {"bw_GBs": 864.0, "bf16": 362.0, "fp32": 183.0}),
+    ("L4", {"bw_GBs": 300.0, "bf16": 121.0, "fp32": 60.0}),
+]
+
+
+def gpu_spec(name: str) -> tuple[str, dict] | None:
+    """(matched key, peaks) for a CUDA device name such as ``NVIDIA H200``; None when unknown."""
+    for key, spec in GPU_SPECS:
+        if key.lower() in name.lower():
+            return key, spec
+    return None
+
+
+def gpu_peaks(device, dtype_name: str = "bf16") -> dict:
+    """Peak bandwidth (GB/s) and TFLOP/s of ``device``: the vendor spec when the name is known, else measured."""
+    name = torch.cuda.get_device_name(device)
+    hit = gpu_spec(name)
+    if hit is not None:
+        key, spec = hit
+        return {"gpu": name, "bw_GBs": spec["bw_GBs"], "tflops": spec[dtype_name], "source": f"{key} spec"}
+    bw = measure_bandwidth(device, mib=2048)["peak_GBs"]
+    mm = measure_matmul_tflops(device, torch.bfloat16 if dtype_name == "bf16" else torch.float32, n=8192)
+    return {"gpu": name, "bw_GBs": bw, "tflops": mm, "source": "measured (unknown GPU)"}
 
 
 def model_shape(size: str) -> dict:
