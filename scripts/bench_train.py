@@ -36,7 +36,7 @@ from bench_common import (  # scripts/ is on sys.path when a script in it runs
     model_shape, num_params, param_report, sync,
 )
 
-from armodal.training.lit_module import batch_nll  # noqa: E402
+from armodal.training import batch_nll  # noqa: E402
 from armodal.training.optim import adamw  # noqa: E402
 
 
