@@ -29,9 +29,8 @@ from hydra.utils import instantiate
 from bench_common import emit, load_average  # scripts/ is on sys.path when a script in it runs
 
 from armodal.api import load
-from armodal.eval import _to
 from armodal.generation.quantize import quantize_weights, weight_bytes
-from armodal.training.loss import token_logits_and_targets
+from armodal.training.loss import to_device, token_logits_and_targets
 from armodal.utils.config import register_resolvers
 
 
@@ -89,7 +88,7 @@ def main(argv=None):
     for i, b in enumerate(dm.val_dataloader()):
         if args.max_batches is not None and i >= args.max_batches:
             break
-        batches.append(_to(b, "cpu"))
+        batches.append(to_device(b, "cpu"))
     seqs = torch.cat([b["ids"] for b in batches])[: args.prompts, : args.prompt]
     ref_net = model.net
     results, ref = {}, {}
