@@ -9,6 +9,7 @@ width, heads and vocabulary, with random weights (nothing is downloaded).
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -68,17 +69,18 @@ def model_shape(size: str) -> dict:
     return {k: int(cfg[k]) for k in ("n_layer", "n_head", "d_model", "max_seq_len")}
 
 
-def build_ours(size: str, device, dtype=torch.float32):
+def build_ours(size: str, device, dtype=torch.float32, max_seq_len: int | None = None):
     from armodal.models import build_transformer
 
-    net = build_transformer(vocab_size=VOCAB, dropout=0.0, **model_shape(size))
+    shape = {**model_shape(size), **({"max_seq_len": max_seq_len} if max_seq_len else {})}
+    net = build_transformer(vocab_size=VOCAB, dropout=0.0, **shape)
     return net.to(device=device, dtype=dtype)
 
 
-def build_hf(size: str, device, dtype=torch.float32, attn: str = "sdpa"):
+def build_hf(size: str, device, dtype=torch.float32, attn: str = "sdpa", max_seq_len: int | None = None):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    s = model_shape(size)
+    s = {**model_shape(size), **({"max_seq_len": max_seq_len} if max_seq_len else {})}
     cfg = GPT2Config(
         vocab_size=VOCAB, n_positions=s["max_seq_len"], n_embd=s["d_model"], n_layer=s["n_layer"],
         n_head=s["n_head"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
@@ -217,6 +219,17 @@ class PeakMemory:
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
+
+
+def fit_exponent(xs, ys) -> float | None:
+    """Least-squares slope of log y against log x."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if y]
+    if len(pts) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    den = sum((p[0] - mx) ** 2 for p in pts)
+    return round(sum((p[0] - mx) * (p[1] - my) for p in pts) / den, 3) if den else None
 
 
 def emit(report: dict, out: str | None) -> None:

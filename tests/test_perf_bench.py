@@ -79,3 +79,23 @@ def test_gpu_peaks_by_device_name():
     assert bc.gpu_spec("NVIDIA H100 PCIe")[1]["bw_GBs"] == 2000.0
     assert bc.gpu_spec("NVIDIA A100-SXM4-80GB")[1]["bw_GBs"] == 2039.0
     assert bc.gpu_spec("Some Future GPU") is None  # measured instead
+
+
+def test_bench_sequence_cost_tiny_writes_plot_and_exponents(tmp_path):
+    out = tmp_path / "sc.json"
+    r = run_script("bench_sequence_cost", "--size", "tiny", "--max-len", "64", "--positions", "8,16,32,60",
+                   "--steps", "2", "--repeats", "1", "--tail-from", "16", "--threads", "1", out=out)
+    png = out.with_suffix(".png")
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert r["positions"] == [8, 16, 32, 60] and set(r["curves"]) == {"no_cache", "eager_kv", "compiled_static", "hf"}
+    for name, c in r["curves"].items():
+        assert len(c["ms_per_token"]) == 4 and all(t > 0 for t in c["ms_per_token"]), name
+        assert isinstance(c["exponent_all"], float) and isinstance(c["exponent_tail"], float), name
+
+
+def test_fit_exponent_recovers_a_power_law():
+    bc = load_bench_common()
+    xs = [16, 64, 256, 1024]
+    assert bc.fit_exponent(xs, [3 * x**1.5 for x in xs]) == 1.5
+    assert bc.fit_exponent(xs, [7.0] * 4) == 0.0
+    assert bc.fit_exponent([16], [1.0]) is None

@@ -135,3 +135,20 @@ def test_weight_bytes_shrink_and_errors():
         quantize_weights(copy.deepcopy(net), "int4", group_size=48)
     with pytest.raises(ValueError, match="has a bias"):
         quantize_weights(torch.nn.Sequential(torch.nn.Linear(8, 8)), "int8")
+
+
+def test_quantized_copy_is_cached_and_follows_weight_updates():
+    from armodal.generation.quantize import quantized
+
+    net = build_transformer(vocab_size=64, n_layer=1, n_head=2, d_model=64, max_seq_len=32)
+    assert quantized(net, "none") is net
+    q = quantized(net, "int8")
+    assert q is not net and quantized(net, "int8") is q  # cached
+    assert type(net.lm_head) is torch.nn.Linear  # the original is untouched
+    with torch.no_grad():
+        net.blocks[0].ffn.w2.weight.mul_(2.0)  # an in-place update (as an optimizer step makes)
+    q2 = quantized(net, "int8")
+    assert q2 is not q
+    assert torch.allclose(q2.blocks[0].ffn.w2.dequantized(), net.blocks[0].ffn.w2.weight, atol=1e-2)
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        quantized(net, "fp8")

@@ -31,13 +31,14 @@ Usage::
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QUANTIZE_MODES", "Int8WeightLinear", "Int4WeightLinear", "quantize_weights", "weight_bytes"]
+__all__ = ["QUANTIZE_MODES", "Int8WeightLinear", "Int4WeightLinear", "quantize_weights", "quantized", "weight_bytes"]
 
 QUANTIZE_MODES = ("none", "int8", "int4", "int8_dynamic")
 
@@ -192,3 +193,30 @@ def quantize_weights(net: nn.Module, mode: str = "int8", group_size: int = 64,
             setattr(parent, child_name, q.to(lin.weight.device))
     net.quantized = mode
     return {"mode": mode, "linears": len(targets), "bytes_before": before, "bytes_after": weight_bytes(net)}
+
+
+def _weights_version(net: nn.Module) -> tuple:
+    return tuple((p.data_ptr(), p._version) for p in net.parameters())
+
+
+def quantized(net: nn.Module, mode: str) -> nn.Module:
+    """A quantised copy of ``net`` for decoding (``net`` itself for ``none``), cached on ``net``.
+
+    The copy is rebuilt when ``net``'s weights change (any parameter replaced or updated in
+    place, as by an optimizer step), so sampling during training sees the current weights.
+    ``net`` is never modified; the copy costs the quantised bytes (a quarter of fp32 for int8).
+    """
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
+    if mode == "none":
+        return net
+    cache = net.__dict__.setdefault("_armodal_quantized", {})
+    version = _weights_version(net)
+    hit = cache.get(mode)
+    if hit is None or hit[0] != version:
+        q = copy.deepcopy(net)
+        q.__dict__.pop("_armodal_quantized", None)
+        quantize_weights(q, mode)
+        cache.clear()  # one quantised copy at a time
+        cache[mode] = (version, q.eval())
+    return cache[mode][1]
