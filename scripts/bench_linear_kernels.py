@@ -12,8 +12,10 @@ an activation of ``M`` rows (M = 1 is batch-1 decoding, larger M is batched deco
                           (armodal ``quantize=int4``);
 * ``int8_dynamic``        ``torch.ao`` dynamic quantised ``Linear`` (fbgemm, int8 activations)
                           (armodal ``quantize=int8_dynamic``);
-* ``torchao_int8wo``      torchao ``Int8WeightOnlyConfig`` on bf16 weights, ``torch.compile``-d
-                          (only if torchao is installed).
+* ``torchao_int8wo`` / ``torchao_int8dyn`` / ``torchao_intx8wo``: torchao's ``Int8WeightOnlyConfig``,
+                          ``Int8DynamicActivationInt8WeightConfig``, ``IntxWeightOnlyConfig(int8)`` on
+                          bf16 weights, ``torch.compile``-d (only if torchao is installed; its
+                          ``Int4WeightOnlyConfig`` needs the CUDA-only ``mslk`` and is not tried).
 
 Candidates are interleaved ``--repeats`` times; the best time of each is reported, with its
 speed-up over ``fp32``.
@@ -72,12 +74,16 @@ def candidates(weights, torchao_ok: bool):
         "int8_dynamic": dyn,
     }
     if torchao_ok:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        from torchao.quantization import (
+            Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_,
+        )
 
-        ao = Stack(weights).to(torch.bfloat16)
-        quantize_(ao, Int8WeightOnlyConfig())
-        ao_c = torch.compile(ao)
-        out["torchao_int8wo"] = lambda x: ao_c(x.bfloat16())
+        for name, cfg in (("torchao_int8wo", Int8WeightOnlyConfig()),
+                          ("torchao_int8dyn", Int8DynamicActivationInt8WeightConfig()),
+                          ("torchao_intx8wo", IntxWeightOnlyConfig(weight_dtype=torch.int8))):
+            ao = Stack(weights).to(torch.bfloat16)
+            quantize_(ao, cfg)
+            out[name] = (lambda m: lambda x: m(x.bfloat16()))(torch.compile(ao))
     return out
 
 
