@@ -9,8 +9,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from armodal.utils.config import main_wrapper, register_resolvers, timestamp
+from armodal.utils.device import pick_device
 
-__all__ = ["generate", "main", "SAMPLING_KEYS", "pick_device"]
+__all__ = ["generate", "main", "SAMPLING_KEYS"]
 
 SAMPLING_KEYS = (
     "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "greedy", "cfg_scale", "max_new_tokens",
@@ -18,23 +19,14 @@ SAMPLING_KEYS = (
 )
 
 
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def generate(cfg: DictConfig) -> dict:
     """Rebuild model, tokenizer and sampler from the checkpoint's run, sample, write files."""
-    from armodal.api import ARModel, load
+    from armodal.api import load
 
     register_resolvers()
     if not cfg.get("ckpt"):
         raise ValueError("armodal-generate needs ckpt=PATH (a checkpoint written by armodal-train)")
     model = load(cfg.ckpt, device=pick_device(cfg.device), use_ema=cfg.use_ema)
-    if not isinstance(model, ARModel):
-        raise ValueError(f"{cfg.ckpt}: not an autoregressive checkpoint (stage {type(model).__name__}); "
-                         "sample from the AR stage's checkpoint")
     ckpt = Path(cfg.ckpt).resolve()
     out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else ckpt.parent.parent / "samples" / f"generate_{timestamp()}"
     overrides = {k: cfg[k] for k in SAMPLING_KEYS if cfg.get(k) is not None}
