@@ -13,14 +13,13 @@ import torch
 from symusic import Note, Score, Tempo, Track
 from torch import nn
 
-from armodal.api import ARModel
-from armodal.eval import dataset_nll
+from armodal import ARModel
 from armodal.models import build_transformer
 from armodal.modalities.image import frechet_distance
 from armodal.modalities.music import JSBDataModule, MusicEvaluator, compare_sets, piece_stats
 from armodal.modalities.spatial import interval_coverage, pearson_per_gene, ridge_baseline
 from armodal.modalities.tokens import TokensTokenizer
-from armodal.training.loss import next_token_nll
+from armodal.training import dataset_nll, next_token_nll
 
 PAD = 7
 
