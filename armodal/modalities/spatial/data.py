@@ -27,6 +27,7 @@ import torch
 from scipy.spatial import cKDTree
 from torch.utils.data import DataLoader, Dataset
 
+from armodal.modalities.base import MissingSplitError
 from armodal.modalities.spatial.features import FeatureConfig, FeatureExtractor
 from armodal.modalities.spatial.io import (
     SpatialDataError,
@@ -237,7 +238,7 @@ class SpatialDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         if self.test_section is None:
-            raise SpatialDataError("no test_section configured")
+            raise MissingSplitError(f"{self.root}: no test split (modality.data.test_section is not set)")
         spots = [(self.test_section, j) for j in range(len(self.expr[self.test_section]))]
         return DataLoader(_SpotDataset(spots), batch_size=self.batch_size, collate_fn=_Collate(self, False),
                           num_workers=self.num_workers)
