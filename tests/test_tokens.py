@@ -43,14 +43,24 @@ def test_no_test_file_means_no_test_split(tmp_path):
         dm.sequences("test")
 
 
-def test_make_toy_refuses_a_folder_that_is_not_the_current_toy_corpus(tmp_path):
+def test_make_toy_replaces_only_its_own_old_corpus(tmp_path):
     d = tmp_path / "old"
     d.mkdir()
-    np.save(d / "train.npy", np.zeros((4, 8), np.int64))
-    (d / "vocab.json").write_text(json.dumps({"vocab_size": 32}))  # the version-1 toy corpus had no marker
-    with pytest.raises(FileExistsError, match=f"{d}: make_toy=true, but .*toy_corpus=None, expected 2"):
-        TokensDataModule(str(d), make_toy=True).prepare_data()
-    TokensDataModule(str(d), make_toy=False).prepare_data()  # used as it is
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("val", 4)):  # what version 1 wrote: overlapping progressions, no marker
+        start, step = rng.integers(0, 32, (n, 1)), rng.integers(1, 4, (n, 1))
+        np.save(d / f"{split}.npy", (start + step * np.arange(8)[None]) % 32)
+    (d / "vocab.json").write_text(json.dumps({"vocab_size": 32}))
+    TokensDataModule(str(d), make_toy=True).prepare_data()
+    assert (d / "test.npy").is_file() and json.loads((d / "vocab.json").read_text())["toy_corpus"] == 2
+    user = tmp_path / "user"
+    user.mkdir()
+    np.save(user / "train.npy", np.zeros((4, 8), np.int64))  # not progressions: someone's data
+    (user / "vocab.json").write_text(json.dumps({"vocab_size": 32}))
+    with pytest.raises(FileExistsError, match=f"{user}: make_toy=true, but .*toy_corpus=None, expected 2"):
+        TokensDataModule(str(user), make_toy=True).prepare_data()
+    assert not (user / "test.npy").exists()
+    TokensDataModule(str(user), make_toy=False).prepare_data()  # used as it is
     fresh = TokensDataModule(str(tmp_path / "new"), make_toy=True)
     fresh.prepare_data()
     fresh.prepare_data()  # the current corpus is kept, not rewritten or refused

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from armodal.modalities.music.grid import NUM_VOICES, transpose_grid
 from armodal.modalities.music.midi_io import DEFAULT_MAX_BYTES, MIDI_SUFFIXES, BadMidiError, read_midi
 from armodal.modalities.music.tokenizer import JSBTokenizer, MidiTokenizer
+from armodal.training.resume import ResumableLoader
 
 __all__ = [
     "MidiDataModule",
@@ -285,8 +286,9 @@ class MidiDataModule(pl.LightningDataModule):
         return {"ids": ids, "loss_mask": ids != self.tokenizer.pad_id}
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate,
-                          num_workers=self.num_workers)
+        loader = ResumableLoader if shuffle else DataLoader  # training: resumes mid-epoch exactly
+        return loader(ds, batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate,
+                      num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
@@ -465,8 +467,9 @@ class JSBDataModule(pl.LightningDataModule):
         return {"ids": ids, "types": self.tokenizer.types(ids), "loss_mask": loss_mask}
 
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
-                          num_workers=self.num_workers)
+        loader = ResumableLoader if shuffle else DataLoader  # training: resumes mid-epoch exactly
+        return loader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
+                      num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

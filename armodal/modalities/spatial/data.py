@@ -39,6 +39,7 @@ from armodal.modalities.spatial.io import (
 )
 from armodal.modalities.spatial.patches import extract_patches, patch_plan
 from armodal.modalities.spatial.tokenizer import BinnedExpressionTokenizer, ExpressionTokenizer, RVQExpressionTokenizer
+from armodal.training.resume import ResumableLoader
 
 __all__ = ["SpatialDataModule", "neighbourhoods"]
 
@@ -228,9 +229,9 @@ class SpatialDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_SpotDataset(self.train_spots), batch_size=self.batch_size, shuffle=True,
-                          drop_last=len(self.train_spots) > self.batch_size, collate_fn=_Collate(self, True),
-                          num_workers=self.num_workers)
+        return ResumableLoader(_SpotDataset(self.train_spots), batch_size=self.batch_size, shuffle=True,
+                               drop_last=len(self.train_spots) > self.batch_size, collate_fn=_Collate(self, True),
+                               num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(_SpotDataset(self.val_spots), batch_size=self.batch_size, collate_fn=_Collate(self, False),

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from armodal.modalities.base import MissingSplitError
 from armodal.modalities.tokens.tokenizer import TokensTokenizer
+from armodal.training.resume import ResumableLoader
 
 __all__ = ["TokensDataModule", "read_token_file", "write_toy_corpus", "WindowDataset", "TOY_CORPUS_VERSION"]
 
@@ -83,6 +84,24 @@ def write_toy_corpus(directory: str | Path, vocab_size: int = 32, length: int = 
     return directory
 
 
+def _is_version_1_toy_corpus(directory: Path) -> bool:
+    """The files version 1 of :func:`write_toy_corpus` wrote: vocab.json ``{"vocab_size": V}``, train
+    and val .npy of progressions mod V with step 1..3, no test file."""
+    try:
+        vocab = json.loads((directory / "vocab.json").read_text())
+        arrays = [np.load(directory / f"{s}.npy", allow_pickle=False) for s in ("train", "val")]
+    except (OSError, ValueError):
+        return False
+    if set(vocab) != {"vocab_size"} or (directory / "test.npy").exists():
+        return False
+    v = vocab["vocab_size"]
+    for a in arrays:
+        steps = np.diff(a, axis=1) % v if a.ndim == 2 and a.shape[1] > 1 else None
+        if steps is None or not ((steps == steps[:, :1]) & (steps >= 1) & (steps <= 3)).all():
+            return False
+    return True
+
+
 class WindowDataset(Dataset):
     """Each sequence becomes BOS + seq + EOS, cut into windows of ``seq_len`` tokens (pad at the end)."""
 
@@ -132,7 +151,10 @@ class TokensDataModule(pl.LightningDataModule):
             write_toy_corpus(self.path)
             return
         version = json.loads(vocab.read_text()).get("toy_corpus") if vocab.is_file() else None
-        if version != TOY_CORPUS_VERSION:
+        if version is None and _is_version_1_toy_corpus(self.path):  # our own old cache: safe to replace
+            print(f"[armodal] {self.path}: replacing the version-1 toy corpus (train/val overlapped, no test split)")
+            write_toy_corpus(self.path)
+        elif version != TOY_CORPUS_VERSION:
             raise FileExistsError(
                 f"{self.path}: make_toy=true, but the folder holds data that is not the current toy corpus "
                 f"(vocab.json toy_corpus={version}, expected {TOY_CORPUS_VERSION}; version 1 shared progressions "
@@ -177,7 +199,8 @@ class TokensDataModule(pl.LightningDataModule):
                           num_workers=self.num_workers, drop_last=False)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
+        return ResumableLoader(self._splits["train"], batch_size=self.batch_size, shuffle=True,
+                               num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", False)
