@@ -56,8 +56,11 @@ def latest_run(name: str, command: str | None = None) -> Path:
     by a killed job, a smoke test or a probe with other overrides are listed in the error, never
     collected in place of this entry's run.
     """
+    from armodal.utils.config import load_paths  # where armodal-train puts runs (conf/paths, ARMODAL_RUNS)
+
+    runs = load_paths()["runs_dir"] / name
     found, rejected = [], []
-    for path in sorted((ROOT / "runs" / name).glob("*/metrics.json"), key=lambda p: p.stat().st_mtime):
+    for path in sorted(runs.glob("*/metrics.json"), key=lambda p: p.stat().st_mtime):
         m = json.loads(path.read_text())
         if "run_dir" not in m:
             rejected.append(f"{path.parent.name} (unfinished)")
@@ -67,7 +70,7 @@ def latest_run(name: str, command: str | None = None) -> Path:
             found.append(path.parent)
     if not found:
         why = f"; not these: {', '.join(rejected)}" if rejected else ""
-        raise ReproduceError(f"{name}: no finished run of `{command}` under {ROOT / 'runs' / name}{why}")
+        raise ReproduceError(f"{name}: no finished run of `{command}` under {runs}{why}")
     return found[-1]
 
 

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from symusic import Score
 
+from armodal.modalities.base import register_evaluator
+
 __all__ = ["piece_stats", "pitch_class_histogram", "compare_sets", "MusicEvaluator"]
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,7 @@ def compare_sets(samples: list[Score], reference: list[Score]) -> dict[str, floa
     return out
 
 
+@register_evaluator("music")
 class MusicEvaluator:
     """``armodal-eval`` hook: sample ``num_samples`` pieces and compare them with held-out pieces.
 

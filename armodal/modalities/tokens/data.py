@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from armodal.modalities.base import MissingSplitError
+from armodal.modalities.base import MissingSplitError, register_datamodule
 from armodal.modalities.tokens.tokenizer import TokensTokenizer
 from armodal.training.resume import ResumableLoader
 
@@ -125,6 +125,7 @@ class WindowDataset(Dataset):
         return {"ids": ids}
 
 
+@register_datamodule("tokens")
 class TokensDataModule(pl.LightningDataModule):
     """Pre-tokenized data in ``path``: ``train.{npy,bin}``, optional ``val``/``test``, and ``vocab.json``.
 

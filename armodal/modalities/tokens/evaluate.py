@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from armodal.modalities.base import register_evaluator
+
 __all__ = ["TokensEvaluator", "unigram_tv", "bigrams", "sequence_stats"]
 
 
@@ -49,6 +51,7 @@ def sequence_stats(samples: list[list[int]], reference: list, train: list, n_sym
     }
 
 
+@register_evaluator("tokens")
 class TokensEvaluator:
     """``armodal-eval`` hook: sample ``num_samples`` sequences from BOS and compare them with the
     held-out ``split`` (and the training bigrams).  Sampling defaults to the model distribution."""

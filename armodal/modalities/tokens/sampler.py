@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from armodal.modalities.base import Sampler
+from armodal.modalities.base import Sampler, register_sampler
 
 __all__ = ["TokensSampler"]
 
 
+@register_sampler("tokens")
 class TokensSampler(Sampler):
     def __init__(self, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> None:
         self.defaults = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p}
@@ -29,5 +30,5 @@ class TokensSampler(Sampler):
         samples = [tok.decode(row) for row in out.ids.cpu()]
         (out_dir / "samples.json").write_text(json.dumps(samples))
         (out_dir / "samples.txt").write_text("\n".join(tok.to_text(s) for s in samples) + "\n")
-        return {"files": [str(out_dir / "samples.json"), str(out_dir / "samples.txt")], "num_samples": len(samples),
+        return {"text": [str(out_dir / "samples.txt")], "files": [str(out_dir / "samples.json")], "num_samples": len(samples),
                 "mean_length": sum(map(len, samples)) / max(len(samples), 1)}
