@@ -22,6 +22,7 @@ def rp(tmp_path, monkeypatch):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     monkeypatch.setattr(mod, "ROOT", tmp_path)
+    monkeypatch.setenv("ARMODAL_RUNS", str(tmp_path / "runs"))  # where conf/paths puts runs
     (tmp_path / "scripts").mkdir()
     return mod
 
