@@ -256,8 +256,10 @@ def read_visium(path: str | Path, *, library_id: str | None = None, source_image
 
 
 # ----------------------------------------------------------------------------- h5ad
-def read_h5ad_section(path: str | Path, *, spot_diameter_um: float = VISIUM_SPOT_DIAMETER_UM) -> ad.AnnData:
-    """An ``.h5ad`` holding counts, ``obsm['spatial']`` and an image in ``uns['spatial']``."""
+def read_h5ad_section(path: str | Path, *, spot_diameter_um: float = VISIUM_SPOT_DIAMETER_UM,
+                      um_per_px: float | None = None) -> ad.AnnData:
+    """An ``.h5ad`` holding counts (or none: X may have no columns), ``obsm['spatial']`` and an image in
+    ``uns['spatial']``; ``um_per_px`` supplies / overrides the full-resolution micrometres per pixel."""
     path = Path(path)
     if not path.is_file():
         raise SpatialDataError(f"{path}: file not found")
@@ -285,9 +287,12 @@ def read_h5ad_section(path: str | Path, *, spot_diameter_um: float = VISIUM_SPOT
     scalef = sf.get(f"tissue_{key}_scalef")
     if scalef is None:
         raise SpatialDataError(f"{path}: scalefactors lack tissue_{key}_scalef")
+    if um_per_px is not None:
+        sf["microns_per_pixel"] = float(um_per_px)
     if "microns_per_pixel" not in sf:
         if "spot_diameter_fullres" not in sf:
-            raise SpatialDataError(f"{path}: scalefactors need microns_per_pixel or spot_diameter_fullres")
+            raise SpatialDataError(f"{path}: the image's micrometres per pixel are not known: the scalefactors need "
+                                   "microns_per_pixel or spot_diameter_fullres, or pass um_per_px=<value>")
         sf["microns_per_pixel"] = spot_diameter_um / float(sf["spot_diameter_fullres"])
     sf.setdefault("spot_diameter_fullres", spot_diameter_um / sf["microns_per_pixel"])
     # normalise to the 'hires' key so downstream code has one convention
