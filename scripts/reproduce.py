@@ -106,12 +106,20 @@ def flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def first_command(entry: dict) -> str:
+    """The command a row of this entry records first: the script, or the armodal-train line."""
+    if "script" in entry:
+        return entry["script"]
+    shown = ["armodal-train", f"experiment={entry['experiment']}", *entry.get("train", [])]
+    return shlex.join(shown + ([f"run_dir={entry['run_dir']}"] if "run_dir" in entry else []))
+
+
 def do_entry(entry: dict, collect_only: bool) -> dict | list[dict]:
     name = entry.get("experiment") or entry["name"]
     row = {"name": name, "commands": [], "show": entry.get("show")}
     if "script" in entry:
         cmd = shlex.split(entry["script"])
-        row["commands"].append(entry["script"])
+        row["commands"].append(first_command(entry))
         if not collect_only:
             run([sys.executable if cmd[0] == "python" else cmd[0], *cmd[1:]])
         data = read_metrics(ROOT / entry["metrics"], f"{name} (`{entry['script']}`)")
@@ -124,11 +132,9 @@ def do_entry(entry: dict, collect_only: bool) -> dict | list[dict]:
             check_show(r)
         return rows if isinstance(data, list) else rows[0]
     train_cmd = [str(BIN / "armodal-train"), f"experiment={name}", *entry.get("train", [])]
-    shown = ["armodal-train", *train_cmd[1:]]
     if "run_dir" in entry:
         train_cmd.append(f"run_dir={ROOT / entry['run_dir']}")
-        shown.append(f"run_dir={entry['run_dir']}")
-    row["commands"].append(shlex.join(shown))
+    row["commands"].append(first_command(entry))
     if not collect_only:
         out = run(train_cmd)
         run_dir = Path(next(line.split("done: ")[1].split()[0] for line in out.splitlines() if "[armodal] done:" in line))
@@ -214,10 +220,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if only and old_json.is_file():  # keep the rows of experiments not rerun this time
         fresh = {r["name"].split(" [")[0] for r in rows}
         kept = [r for r in json.loads(old_json.read_text()) if r["name"].split(" [")[0] not in fresh]
-        shows = {e.get("experiment") or e.get("name"): e.get("show") for e in entries}
-        for r in kept:  # today's show list applies to the kept rows too
-            r["show"] = shows.get(r["name"].split(" [")[0])
-            check_show(r)
+        by_name = {e.get("experiment") or e.get("name"): e for e in entries}
+        for r in kept:  # a kept row made by today's command gets today's show list, checked
+            e = by_name.get(r["name"].split(" [")[0])
+            if e is not None and r["commands"][:1] == [first_command(e)]:
+                r["show"] = e.get("show")
+                check_show(r)
+            else:
+                print(f"[reproduce] note: the row {r['name']!r} was made by an older command; rerun it", flush=True)
         rows = kept + rows
         order = [e.get("experiment") or e.get("name") for e in entries]
         rows.sort(key=lambda r: order.index(r["name"].split(" [")[0]) if r["name"].split(" [")[0] in order else 99)
