@@ -5,14 +5,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from armodal.modalities.base import MissingSplitError
 from armodal.training.loss import dataset_nll
 from armodal.utils.config import main_wrapper, register_resolvers
 from armodal.utils.device import pick_device
 
 __all__ = ["evaluate", "main"]
+
+
+def _test_loader(dm) -> tuple[object | None, str | None]:
+    """The datamodule's test loader, or (None, why there is none).  Only a datamodule that declares
+    no test split counts as missing; any other error while building the loader propagates."""
+    if type(dm).test_dataloader is pl.LightningDataModule.test_dataloader:
+        return None, f"{type(dm).__name__} defines no test_dataloader"
+    try:
+        return dm.test_dataloader(), None
+    except MissingSplitError as e:
+        return None, str(e)
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -36,20 +49,16 @@ def evaluate(cfg: DictConfig) -> dict:
     dm = instantiate(data_cfg)
     dm.prepare_data()
     dm.setup("fit")
-    if hasattr(dm, "setup"):
-        try:
-            dm.setup("test")
-        except Exception:  # noqa: BLE001 - modalities without a test split
-            pass
+    dm.setup("test")
     metrics: dict = {"ckpt": str(ckpt), "modality": saved.modality.name}
     if is_ar:
         mb = cfg.get("max_batches")
         metrics["val"] = dataset_nll(model, dm.val_dataloader(), mb)
-        try:
-            test_loader = dm.test_dataloader()
-        except Exception:  # noqa: BLE001
-            test_loader = None
-        if test_loader is not None:
+        test_loader, why = _test_loader(dm)
+        if test_loader is None:
+            metrics["test"] = {"missing": why}
+            print(f"[armodal] no test metrics: {why}")
+        else:
             metrics["test"] = dataset_nll(model, test_loader, mb)
     default = ckpt.parent / f"{ckpt.name}-eval" if ckpt.is_dir() else ckpt.parent.parent  # never inside an export
     out = Path(cfg.out) if cfg.get("out") else default / "eval_metrics.json"

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from armodal.modalities.base import TOKENIZER_FILE
+from armodal.modalities.base import TOKENIZER_FILE, MissingSplitError
 from armodal.training import run_folder
 from armodal.training.checkpoint import INTEGRITY_FORMAT, AtomicCheckpointIO, file_hashes
 from armodal.utils.config import is_child_rank, main_wrapper, register_resolvers, save_config, timestamp
@@ -159,8 +159,12 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> dict:
     )
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
     finish_run(trainer, module, dm, run_dir)
-    if cfg.get("test_after_fit") and hasattr(dm, "test_dataloader"):
-        trainer.test(module, datamodule=dm, verbose=False)
+    test_missing = None
+    if cfg.get("test_after_fit"):
+        try:
+            trainer.test(module, datamodule=dm, verbose=False)
+        except MissingSplitError as e:  # reported in metrics.json, never replaced by another split
+            test_missing = str(e)
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     if trainer.is_global_zero:
@@ -168,6 +172,8 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> dict:
         metrics["command"] = os.environ.get("ARMODAL_COMMAND")
         if cfg.get("test_after_fit"):
             metrics["test"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+            if test_missing:
+                metrics["test"] = {"missing": test_missing}
         tmp = metrics_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(metrics, indent=2))
         tmp.replace(metrics_path)

@@ -109,7 +109,7 @@ def test_tokens_evaluator_on_a_model(tmp_path):
     from armodal.modalities.tokens import TokensDataModule, TokensEvaluator, write_toy_corpus
     from armodal.modalities.tokens.evaluate import sequence_stats
 
-    write_toy_corpus(tmp_path / "toy", vocab_size=8, length=12, n_train=40, n_val=8)
+    write_toy_corpus(tmp_path / "toy", vocab_size=8, length=12, n_train=40)
     dm = TokensDataModule(str(tmp_path / "toy"), seq_len=16, batch_size=4)
     dm.setup("fit")
     torch.manual_seed(0)

@@ -200,11 +200,14 @@ def test_patch_is_centred_on_its_spot(tmp_path, size):
     patches, _ = extract_patches(a, size=size, unit="px", out_px=size)
     for p in patches:
         ys, xs = np.nonzero((p[..., 1] < 50))
-        assert len(ys) == 1
-        # the dot sits at the patch centre (within half a pixel for even sizes)
-        assert abs(xs[0] + 0.5 - size / 2) <= 0.5 and abs(ys[0] + 0.5 - size / 2) <= 0.5
-    boxes = patch_boxes(spots, size)
-    np.testing.assert_allclose((boxes[:, :2] + boxes[:, 2:]) / 2, spots + 0.5 * (size % 2 == 0) * 0 + (size % 2 == 1) * 0.5, atol=0.5)
+        # pixel i covers [i, i + 1): the dot's pixel is the centre one (odd size) or the first right of
+        # / below the centre line (even size) -- index size // 2 either way, exactly
+        assert xs.tolist() == [size // 2] and ys.tolist() == [size // 2]
+    # boxes [left, top, right, bottom]: left = floor(x - size / 2 + 0.5), worked out by hand
+    boxes = patch_boxes(np.array([[37.0, 52.0], [80.0, 20.0], [10.2, 5.7], [10.8, 5.2]]), size)
+    expected = {10: [[32, 47], [75, 15], [5, 1], [6, 0]], 11: [[32, 47], [75, 15], [5, 0], [5, 0]]}[size]
+    np.testing.assert_array_equal(boxes[:, :2], expected)
+    np.testing.assert_array_equal(boxes[:, 2:] - boxes[:, :2], size)
 
 
 def test_hed_round_trip():

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from armodal.modalities.base import register_datamodule
 from armodal.utils.cache import atomic_write, content_key, is_complete, mark_complete, writable_dir
+from armodal.training.resume import ResumableLoader
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -315,8 +316,9 @@ class ImageDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
-        return DataLoader(self._dataset(split), batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, drop_last=shuffle and len(self.splits[split]) > self.batch_size)
+        loader = ResumableLoader if split == "train" else DataLoader  # train: resumes mid-epoch exactly
+        return loader(self._dataset(split), batch_size=self.batch_size, shuffle=shuffle,
+                      num_workers=self.num_workers, drop_last=shuffle and len(self.splits[split]) > self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

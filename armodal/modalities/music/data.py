@@ -35,6 +35,7 @@ from armodal.modalities.music.midi_io import DEFAULT_MAX_BYTES, MIDI_SUFFIXES, B
 from armodal.modalities.music.tokenizer import JSBTokenizer, MidiTokenizer
 from armodal.utils.cache import atomic_write, content_key, is_complete, mark_complete, writable_dir
 from armodal.utils.safety import UnsafeTargetError, load_npz_arrays
+from armodal.training.resume import ResumableLoader
 
 __all__ = [
     "MidiDataModule",
@@ -336,8 +337,9 @@ class MidiDataModule(pl.LightningDataModule):
         return {"ids": ids, "loss_mask": ids != self.tokenizer.pad_id}
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate,
-                          num_workers=self.num_workers)
+        loader = ResumableLoader if shuffle else DataLoader  # training: resumes mid-epoch exactly
+        return loader(ds, batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate,
+                      num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
@@ -519,8 +521,9 @@ class JSBDataModule(pl.LightningDataModule):
         return {"ids": ids, "types": self.tokenizer.types(ids), "loss_mask": loss_mask}
 
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
-                          num_workers=self.num_workers)
+        loader = ResumableLoader if shuffle else DataLoader  # training: resumes mid-epoch exactly
+        return loader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
+                      num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

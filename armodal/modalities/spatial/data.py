@@ -37,7 +37,7 @@ import torch
 from scipy.spatial import cKDTree
 from torch.utils.data import DataLoader, Dataset
 
-from armodal.modalities.base import register_datamodule
+from armodal.modalities.base import MissingSplitError, register_datamodule
 from armodal.modalities.spatial.features import FeatureConfig, FeatureExtractor
 from armodal.modalities.spatial.geometry import ORDERS, cover, knn_windows, spot_spacing
 from armodal.modalities.spatial.io import (
@@ -53,6 +53,7 @@ from armodal.modalities.spatial.tokenizer import BinnedExpressionTokenizer, Expr
 from armodal.modalities.spatial.window import D8, window_layout, window_tokens
 from armodal.utils.cache import content_key
 from armodal.utils.safety import check_choice
+from armodal.training.resume import ResumableLoader
 
 __all__ = ["SpatialDataModule", "neighbourhoods"]
 
@@ -373,9 +374,9 @@ class SpatialDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_SpotDataset(self.train_spots), batch_size=self.batch_size, shuffle=True,
-                          drop_last=len(self.train_spots) > self.batch_size, collate_fn=_Collate(self, True),
-                          num_workers=self.num_workers)
+        return ResumableLoader(_SpotDataset(self.train_spots), batch_size=self.batch_size, shuffle=True,
+                               drop_last=len(self.train_spots) > self.batch_size, collate_fn=_Collate(self, True),
+                               num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(_SpotDataset(self.val_spots), batch_size=self.batch_size, collate_fn=_Collate(self, False, "val"),
@@ -383,7 +384,7 @@ class SpatialDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         if self.test_section is None:
-            raise SpatialDataError("no test_section configured")
+            raise MissingSplitError(f"{self.root}: no test split (modality.data.test_section is not set)")
         s = self.test_section
         if self.sequence == "window":
             items = [(s, w) for w in range(len(self.covers[s].windows))]
