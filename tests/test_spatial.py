@@ -396,12 +396,12 @@ def test_tiny_end_to_end_cpu(tmp_path, monkeypatch, variant):
     m = evaluate(_compose("eval", [f"ckpt={ckpt}", f"out={tmp_path / 'eval' / 'm.json'}", "num_samples=8",
                                    "+evaluator.robustness=[medium]"]))
     for k in ("ar_pcc_mean", "ar_pcc_median", "ar_pcc_mean_hvg50", "ridge_pcc_mean", "ar_coverage90", "ar_moran_ratio",
-              "ridge_moran_ratio", "ar_pcc_stain_medium", "ar_stain_drop_medium"):
+              "ar_generated_moran_ratio", "ridge_moran_ratio", "ar_pcc_stain_medium", "ar_stain_drop_medium"):
         assert np.isfinite(m[k]), k
     assert 0 <= m["ar_coverage90"] <= 1 and m["n_genes"] == 20 and m["n_spots"] == 36
     assert m["sequence"]["sequence"] == ("spot" if variant == "spot" else "window") and np.isfinite(m["test"]["nll"])
     pred = ad.read_h5ad(m["h5ad"])
-    assert pred.shape == (36, 20) and {"std", "q05", "q95", "measured", "ridge"} <= set(pred.layers)
+    assert pred.shape == (36, 20) and {"std", "q05", "q95", "measured", "ridge", "generated"} <= set(pred.layers)
     assert (pred.layers["std"] >= 0).all() and (pred.layers["q05"] <= pred.layers["q95"] + 1e-6).all()
     assert Path(m["images"][0]).stat().st_size > 1000
 

@@ -64,8 +64,9 @@ class SpatialEvaluator:
     mean over the top-50 training-HVGs), 90 % predictive-interval coverage, the ridge
     regression baseline on the same cached features (view 0 plus augmented views of the
     training spots), Moran's I of the predicted maps against the measured ones
-    (:func:`moran_summary`; ``ar`` = the point prediction, ``ar_sample`` = one generated sample,
-    ``ridge``), and the stain-robustness check: the held-out image's stains perturbed in HED
+    (:func:`moran_summary`; ``ar`` = the point prediction (mean of K), ``ar_generated`` = one generated
+    map (a sample's codes decoded without the quantiser residual), ``ar_sample`` = that sample with
+    the residual, ``ridge``), and the stain-robustness check: the held-out image's stains perturbed in HED
     space at each named strength of ``robustness`` (seed ``robustness_seed``), features
     recomputed through the same encoder, and the relative PCC drop ``1 - PCC(perturbed) / PCC``
     (same K and sampling seed).  For reference: HisToGene's public code run on these folds and
@@ -91,7 +92,8 @@ class SpatialEvaluator:
         if s is None:
             raise SpatialDataError("spatial evaluation needs data.test_section=<held-out section>")
         t0 = time.time()
-        samples, mean = predict_section(model, dm, s, num_samples, temperature=self.temperature, noise=self.noise, seed=self.seed)
+        samples, mean, pinfo = predict_section(model, dm, s, num_samples, with_info=True, temperature=self.temperature,
+                                               noise=self.noise, seed=self.seed)
         y = dm.expr[s]
         hvg = _train_hvg_index(dm)
         out: dict = {"test_section": s, "num_samples": int(num_samples), "n_genes": len(dm.genes),
@@ -112,7 +114,8 @@ class SpatialEvaluator:
         out.update(summarise(base, y, hvg, prefix="ridge_"))
         out["ridge"] = info
         xy = np.asarray(dm.adatas[s].obsm["spatial"])
-        out.update(moran_summary({"ar": mean, "ar_sample": samples[:, 0], "ridge": base}, y, xy))
+        out.update(moran_summary({"ar": mean, "ar_generated": pinfo["clean_sample"], "ar_sample": samples[:, 0],
+                                  "ridge": base}, y, xy))
         for strength in self.robustness:
             t1 = time.time()
             pert = (strength, self.robustness_seed)
@@ -141,6 +144,7 @@ class SpatialEvaluator:
             od.mkdir(parents=True, exist_ok=True)
             pred = prediction_adata(dm.adatas[s], dm.genes, samples, y, mean=mean)
             pred.layers["ridge"] = base.astype(np.float32)
+            pred.layers["generated"] = pinfo["clean_sample"].astype(np.float32)  # one sample (codes only): a generated map
             pred.write_h5ad(od / f"{s}_pred.h5ad")
             genes = plot_genes(pred, self.n_plot_genes)
             png = plot_maps(pred, genes, od / f"{s}_maps.png", title=f"held-out {s}: AR mean of K={num_samples}")

@@ -134,7 +134,8 @@ def predict_expression(
     """K samples of every spot's expression under the model's sequence ``layout`` (:func:`sequence_layout`).
 
     Returns (samples [n, K, G] log1p, each with a quantiser residual when ``noise``; point prediction
-    [n, G] = mean of the K samples decoded without it; info).  Window layout: spot-by-spot generation
+    [n, G] = mean of the K samples decoded without it; info, whose ``clean_sample`` [n, G] is the first
+    sample decoded without the residual: one generated map).  Window layout: spot-by-spot generation
     over overlapping windows, each spot's samples from its owner window (:func:`.window.sample_windows`);
     per-spot layout: each spot's tokens from its 7-spot H&E neighbourhood.
     """
@@ -151,12 +152,12 @@ def predict_expression(
         rng = np.random.default_rng(seed)
         noisy = tokenizer.decode_codes(flat, noise=noise, generator=rng).reshape(n, k, -1).astype(np.float32)
         clean = tokenizer.decode_codes(flat, noise=False).reshape(n, k, -1)
-        return noisy, clean.mean(1).astype(np.float32), info
+        return noisy, clean.mean(1).astype(np.float32), {**info, "clean_sample": clean[:, 0].astype(np.float32)}
     idx, off = neighbourhoods(xy, int(layout["neighbours"]))
     cond = {"feats": feats[torch.as_tensor(idx)].flip(1), "pos": torch.as_tensor(off, dtype=torch.float32).flip(1)}
     noisy, clean = sample_section(net, conditioner, tokenizer, cond, num_samples, temperature=temperature, top_k=top_k,
                                   top_p=top_p, noise=noise, seed=seed, return_clean=True)
-    return noisy, clean.mean(1), {}
+    return noisy, clean.mean(1), {"clean_sample": clean[:, 0]}
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -241,7 +242,8 @@ def prediction_adata(section: ad.AnnData, genes: list[str], samples: np.ndarray,
 
 
 def plot_maps(pred: ad.AnnData, genes: list[str], path: str | Path, title: str = "") -> Path:
-    """Grid of scanpy spatial maps: measured / predicted (mean of K) / uncertainty (std) per gene."""
+    """Grid of scanpy spatial maps per gene: measured / predicted (mean of K) / one generated sample / ridge
+    (those present) / uncertainty (std); all but the std share the colour scale."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -249,7 +251,10 @@ def plot_maps(pred: ad.AnnData, genes: list[str], path: str | Path, title: str =
     import scanpy as sc
 
     rows = [("measured", "measured")] if "measured" in pred.layers else []
-    rows += [("predicted", None), ("std (uncertainty)", "std")]
+    rows += [("predicted", None)]
+    rows += [("one generated sample", "generated")] if "generated" in pred.layers else []
+    rows += [("ridge", "ridge")] if "ridge" in pred.layers else []
+    rows += [("std (uncertainty)", "std")]
     fig, axes = plt.subplots(len(rows), len(genes), figsize=(3.6 * len(genes), 3.3 * len(rows)), squeeze=False)
     lib = next(iter(pred.uns["spatial"]))
     for j, gname in enumerate(genes):

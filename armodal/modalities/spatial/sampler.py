@@ -88,19 +88,20 @@ def section_features(model, dm: SpatialDataModule, section: str, perturb: tuple 
                         perturb=perturb, cache=False)[0]
 
 
-def predict_section(model, dm: SpatialDataModule, section: str, num_samples: int, feats=None,
-                    **sampling) -> tuple[np.ndarray, np.ndarray]:
+def predict_section(model, dm: SpatialDataModule, section: str, num_samples: int, feats=None, with_info: bool = False,
+                    **sampling) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, dict]:
     """(samples [n_spots, K, G] with the quantiser residual, point prediction [n_spots, G] = mean of the
     K code samples decoded without it); checks the model's gene panel against the data.  ``feats``
-    [n_spots, F] replaces the section's cached plain features (e.g. of a stain-perturbed image)."""
+    [n_spots, F] replaces the section's cached plain features (e.g. of a stain-perturbed image);
+    ``with_info`` also returns :func:`~.predict.predict_expression`'s info (one clean generated map ...)."""
     tok = model.tokenizer
     if list(tok.genes) != list(dm.genes):
         raise SpatialDataError(f"the model's {len(tok.genes)}-gene panel differs from the data's {len(dm.genes)}-gene panel")
     layout = {"sequence": dm.sequence, "window_size": dm.window_size, "order": dm.order, "neighbours": dm.neighbours}
     feats = section_features(model, dm, section) if feats is None else feats
-    noisy, mean, _ = predict_expression(model.net, model.conditioner, tok, feats,
-                                        np.asarray(dm.adatas[section].obsm["spatial"]), num_samples, layout, **sampling)
-    return noisy, mean
+    noisy, mean, info = predict_expression(model.net, model.conditioner, tok, feats,
+                                           np.asarray(dm.adatas[section].obsm["spatial"]), num_samples, layout, **sampling)
+    return (noisy, mean, info) if with_info else (noisy, mean)
 
 
 @register_sampler("spatial")
