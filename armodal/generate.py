@@ -28,7 +28,8 @@ def generate(cfg: DictConfig) -> dict:
         raise ValueError("armodal-generate needs ckpt=PATH (a checkpoint written by armodal-train)")
     model = load(cfg.ckpt, device=pick_device(cfg.device), use_ema=cfg.use_ema)
     ckpt = Path(cfg.ckpt).resolve()
-    out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else ckpt.parent.parent / "samples" / f"generate_{timestamp()}"
+    base = ckpt.parent / f"{ckpt.name}-samples" if ckpt.is_dir() else ckpt.parent.parent / "samples"  # an export: beside it
+    out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else base / f"generate_{timestamp()}"
     overrides = {k: cfg[k] for k in SAMPLING_KEYS if cfg.get(k) is not None}
     extra = OmegaConf.to_container(OmegaConf.create(cfg.get("sampler") or {}), resolve=True)
     sampler = model.sampler(**extra)

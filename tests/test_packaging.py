@@ -55,7 +55,8 @@ def test_wheel_installs_configs_and_trains_from_another_directory(tmp_path):
     _run([sys.executable, "-m", "venv", "--without-pip", venv], tmp_path, _env())
     py = venv / "bin" / "python"
     purelib = Path(_run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path, _env()).strip())
-    (purelib / "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")  # torch & co., not armodal
+    deps = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]  # torch & co.
+    (purelib / "deps.pth").write_text("\n".join(dict.fromkeys([*site.getsitepackages(), *deps])) + "\n")
     _run([sys.executable, "-m", "pip", "--python", py, "install", "-q", "--no-deps", "--no-index", wheel], tmp_path, _env())
 
     elsewhere = tmp_path / "elsewhere"

@@ -101,12 +101,23 @@ def test_compiled_step_gives_eager_tokens():
 
 
 def test_compile_step_eager_mode_is_uncompiled():
+    """``eager`` is the reference: no dynamo frame is ever traced, and it returns what the model returns."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     step = compile_step("eager")
     m = tiny()
+    ids = torch.tensor([[5, 7, 9]])
     m.setup_caches(1, 8)
-    out = step(m, torch.tensor([[5]]), None, torch.tensor([0]))
-    assert out.shape == (1, 1, 97)
+    outs = [step(m, ids[:, i : i + 1], None, torch.tensor([i])) for i in range(3)]
     m.clear_caches()
+    assert sum(counters["frames"].values()) == 0 and not counters["stats"]  # nothing compiled or traced
+    assert not isinstance(step.compiled, torch._dynamo.eval_frame.OptimizedModule)
+    assert not hasattr(step.compiled, "_torchdynamo_orig_callable")  # not a torch.compile wrapper either
+    with torch.no_grad():
+        ref = m(ids)  # uncached full forward
+    torch.testing.assert_close(torch.cat(outs, 1), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_weight_layout_keeps_values_and_trains():
@@ -145,3 +156,22 @@ def test_frozen_compiled_step_gives_eager_tokens():
     out = fast.generate(ids, max_new_tokens=12, sampling=GREEDY).ids
     fast.close()
     assert torch.equal(out, ref)
+
+
+def test_top_k_sampling_draws_from_the_top_k_distribution():
+    """sample() with top-k draws inside the k largest only, with the renormalised probabilities."""
+    from armodal.generation import process, sample
+
+    logits = torch.tensor([2.0, 0.5, 1.0, -1.0, 1.5, 0.0])
+    sp = SamplingParams(temperature=0.8, top_k=3)
+    n = 40000
+    draws = sample(process(logits.expand(n, -1), sp), sp, torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=6).float() / n
+    expect = torch.zeros(6)
+    expect[[0, 4, 2]] = torch.softmax(logits[[0, 4, 2]] / 0.8, 0)
+    assert counts[[1, 3, 5]].sum() == 0  # never outside the top 3
+    assert torch.allclose(counts, expect, atol=0.01)  # 3 sd of a frequency at n = 40000 is < 0.008
+    # a grammar mask leaving fewer than k tokens: only the allowed ones are drawn
+    allowed = torch.tensor([False, True, False, False, False, True])
+    d2 = sample(process(logits.expand(1000, -1), sp, allowed=allowed), sp, torch.Generator().manual_seed(1))
+    assert set(d2.tolist()) <= {1, 5} and len(set(d2.tolist())) == 2

@@ -8,6 +8,7 @@ tokenizers and the JSB grid tokenizer).
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,10 +74,16 @@ class MusicSampler(Sampler):
             write_midi(self._to_score(tok, prompt[0]), out_dir / "prompt.mid")
         max_len = model.net.config.max_seq_len
         used = 1 if prompt is None else prompt.shape[1]
+        room = min(int(opts["max_new_tokens"]), max_len // 2)  # what a too-long prompt is cut to make room for
+        if prompt is not None and used > max_len - max(1, room):
+            keep = max_len - max(1, room)
+            prompt = tok.prompt_ids(score, str(path), keep, opts["prompt_bars"])[None]  # cut at a valid point
+            warnings.warn(f"{path}: the prompt has {used} tokens, too many for max_seq_len={max_len} with room to "
+                          f"continue; it is truncated to its first {prompt.shape[1]} tokens (set prompt_tokens or "
+                          "prompt_bars to choose)", stacklevel=2)
+            write_midi(self._to_score(tok, prompt[0]), out_dir / "prompt.mid")
+            used = prompt.shape[1]
         max_new = min(int(opts["max_new_tokens"]), max_len - used)
-        if max_new <= 0:
-            raise ValueError(f"the prompt ({used} tokens) leaves no room under max_seq_len={max_len}; "
-                             "lower prompt_tokens / prompt_bars")
 
         seqs: list[torch.Tensor] = []
         seed = overrides.get("seed")
