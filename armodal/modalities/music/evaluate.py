@@ -136,6 +136,12 @@ class MusicEvaluator:
         self.unconstrained_check, self.batch_size = unconstrained_check, max(1, int(batch_size))
         self.ensemble_shifts = None if ensemble_shifts is None else [int(s) for s in ensemble_shifts]
         self.harmonize, self.harmonize_split, self.harmonize_limit = bool(harmonize), harmonize_split, harmonize_limit
+        if self.harmonize:  # the harmonisation decoder is built on the one settings object (GenerationConfig)
+            try:
+                from armodal.generation import GenerationConfig  # noqa: F401
+            except ImportError:
+                raise ValueError("evaluator.harmonize=true needs armodal.generation.GenerationConfig, which this "
+                                 "build does not have yet") from None
 
     def _reference(self, datamodule) -> tuple[list, str]:
         if hasattr(datamodule, "pieces"):  # grids: JSB or corpus chorales
