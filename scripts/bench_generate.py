@@ -44,10 +44,10 @@ from bench_common import (  # noqa: E402
     emit, model_shape, param_report, sync,
 )
 
-from armodal.generation import SamplingParams, generate  # noqa: E402
+from armodal.generation import GenerationConfig, generate  # noqa: E402
 from armodal.generation.fast import FastDecoder, set_weight_layout  # noqa: E402
 
-GREEDY = SamplingParams(greedy=True)
+GREEDY = GenerationConfig(strategy="greedy", compile="false")  # the eager engine; ours_fast brings its own decoder
 
 
 # ----------------------------------------------------------------------------- contenders
@@ -65,8 +65,8 @@ class Ours:
 
     def run(self, ids, new):
         if self.fast is not None:
-            return self.fast.generate(ids, max_new_tokens=new, sampling=GREEDY).ids
-        return generate(self.net, ids, max_new_tokens=new, sampling=GREEDY).ids
+            return self.fast.generate(ids, max_new_tokens=new, config=GREEDY).ids
+        return generate(self.net, ids, max_new_tokens=new, config=GREEDY).ids
 
     def close(self):
         if self.fast is not None:
@@ -80,7 +80,7 @@ class NoCache:
         self.net = net
 
     def run(self, ids, new):
-        return generate(self.net, ids, max_new_tokens=new, sampling=GREEDY, use_cache=False).ids
+        return generate(self.net, ids, max_new_tokens=new, config=GREEDY, use_cache=False).ids
 
     def close(self):
         pass

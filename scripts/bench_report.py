@@ -1,4 +1,4 @@
-"""Render the benchmark JSONs (bench_generate / bench_train / bench_speculative) as markdown tables.
+"""Render the benchmark JSONs (bench_generate / bench_train / bench_speculative / bench_strategies) as markdown tables.
 
     python scripts/bench_report.py docs/bench_generate_cpu.json docs/bench_train_cpu.json ...
 """
@@ -46,6 +46,30 @@ def train_table(r: dict) -> str:
     return "\n".join(out)
 
 
+def strategies_table(r: dict) -> str:
+    t, d = r["target"], r["draft"]
+    out = [f"`{r['command']}`  (target {t['params']:,} params, {t['n_layer']} layers x {t['d_model']}"
+           + (f"; draft {d['params']:,} params, {d['n_layer']} layers x {d['d_model']}" if d else "")
+           + f"; load average start {r['env']['load_average_start']}, end {r['load_average_end']})", "",
+           "| contender | T | acceptance | tokens/target fwd | plain tok/s | strategy tok/s | speed-up | greedy identical |",
+           "|---|---|---|---|---|---|---|---|"]
+    for row in r["strategies"]:
+        out.append(f"| {row['contender']} | {row['temperature']} | {100 * row['acceptance_rate']:.1f}% | "
+                   f"{row['tokens_per_target_forward']} | {row['plain_tokens_per_s']} | {row['strategy_tokens_per_s']} | "
+                   f"{row['speedup']}x | {row.get('greedy_identical', '–')} |")
+    out += ["", "| front door (compile=auto) | batch | new | ARModel.generate s | engine s | overhead |", "|---|---|---|---|---|---|"]
+    for row in r["front_door"]:
+        out.append(f"| | {row['batch']} | {row['new_tokens']} | {row['front_door_s']} | {row['engine_s']} | "
+                   f"{100 * row['overhead']:+.1f}% |")
+    if r.get("compile_check"):
+        out += ["", "| compile check | batch | new | eager s | compiled, 1st call s | compiled, later s | identical |",
+                "|---|---|---|---|---|---|---|"]
+        for row in r["compile_check"]:
+            out.append(f"| | {row['batch']} | {row['new_tokens']} | {row['eager_s']} | {row['compiled_first_call_s']} | "
+                       f"{row['compiled_later_call_s']} | {row['identical']} |")
+    return "\n".join(out)
+
+
 def speculative_table(r: dict) -> str:
     out = [f"`{r['command']}`  (target {r['target']['params']:,} params {r['target']['shape']}, draft "
            f"{r['draft']['params']:,} params {r['draft']['shape']}; one cached forward: {r.get('forward_ms')})", "",
@@ -61,7 +85,8 @@ def speculative_table(r: dict) -> str:
 def main(paths):
     for p in paths:
         r = json.load(open(p))
-        fn = {"generate": generate_table, "train": train_table, "speculative": speculative_table}[r["benchmark"]]
+        fn = {"generate": generate_table, "train": train_table, "speculative": speculative_table,
+              "strategies": strategies_table}[r["benchmark"]]
         print(f"### {p}\n\n{fn(r)}\n")
 
 
