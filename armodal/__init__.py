@@ -8,12 +8,16 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["load", "ARModel", "__version__"]
+__all__ = ["load", "load_stage", "ARModel", "__version__"]
 
 
 def __getattr__(name):  # lazy: importing armodal stays cheap
-    if name in ("load", "ARModel"):
+    if name in ("load", "load_stage"):
         from armodal import api
 
         return getattr(api, name)
+    if name == "ARModel":
+        from armodal.ar_model import ARModel
+
+        return ARModel
     raise AttributeError(f"module 'armodal' has no attribute {name!r}")

@@ -1,119 +1,23 @@
-"""Public Python API: ``armodal.load(path)`` -> :class:`ARModel`."""
+"""Loading trained models: ``armodal.load(path)`` -> :class:`~armodal.ar_model.ARModel`;
+``armodal.load_stage(path)`` -> a non-AR training stage (e.g. the image VQ tokenizer) with its weights."""
 
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from armodal.generation import GenerationOutput, SamplingParams, generate
-from armodal.modalities.base import Tokenizer, load_tokenizer
+from armodal.ar_model import ARModel
+from armodal.modalities.base import load_tokenizer
 from armodal.training.checkpoint import CheckpointError, read_checkpoint
 from armodal.utils.safety import check_config_targets
 
-__all__ = ["ARModel", "load", "load_checkpoint_meta", "AR_MODULE"]
+__all__ = ["ARModel", "load", "load_stage", "load_checkpoint_meta", "is_ar_config", "AR_MODULE"]
 
 AR_MODULE = "armodal.training.ARLitModule"
-
-
-class ARModel:
-    """A trained autoregressive model ready to sample: ``net``, ``tokenizer``, ``conditioner``, ``config``."""
-
-    def __init__(self, net, tokenizer: Tokenizer, conditioner=None, config: DictConfig | None = None,
-                 ckpt_path: str | None = None) -> None:
-        self.net = net
-        self.tokenizer = tokenizer
-        self.conditioner = conditioner
-        self.config = config
-        self.ckpt_path = ckpt_path
-
-    @classmethod
-    def from_module(cls, module) -> "ARModel":
-        """View of a training module (EMA weights when present)."""
-        if module.ema is not None:
-            net = module.ema["net"]
-            cond = module.ema["conditioner"] if "conditioner" in module.ema else None
-        else:
-            net, cond = module.net, module.conditioner
-        meta = getattr(module, "armodal_meta", {}) or {}
-        cfg = OmegaConf.create(meta["config"]) if "config" in meta else None
-        return cls(net, module.tokenizer, cond, cfg)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.net.parameters()).device
-
-    @property
-    def modality(self) -> str:
-        return self.tokenizer.modality
-
-    def to(self, device) -> "ARModel":
-        self.net.to(device)
-        if self.conditioner is not None:
-            self.conditioner.to(device)
-        return self
-
-    def eval(self) -> "ARModel":
-        self.net.eval()
-        if self.conditioner is not None:
-            self.conditioner.eval()
-        return self
-
-    @torch.no_grad()
-    def generate(
-        self,
-        ids: torch.Tensor | None = None,
-        cond: Any = None,
-        num_samples: int = 1,
-        max_new_tokens: int = 256,
-        constrained: bool = True,
-        cfg_scale: float = 1.0,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        repetition_penalty: float = 1.0,
-        greedy: bool = False,
-        seed: int | None = None,
-        stream=None,
-        use_cache: bool = True,
-    ) -> GenerationOutput:
-        """Sample continuations. ``ids`` [B, T] (BOS is used when None), ``cond`` goes to the conditioner.
-
-        ``num_samples`` continuations per prompt are drawn in one batch.
-        """
-        tok, dev = self.tokenizer, self.device
-        prefix = uncond = None
-        if cond is not None:
-            if self.conditioner is None:
-                raise ValueError("this model has no conditioner; `cond` cannot be used")
-            prefix = self.conditioner(cond)
-            if cfg_scale != 1.0:
-                uncond = self.conditioner.uncond(cond)
-        if ids is None:
-            b = 1 if prefix is None else prefix.shape[0]
-            ids = torch.full((b, 1), tok.bos_id, dtype=torch.long) if tok.bos_id is not None else torch.zeros(b, 0, dtype=torch.long)
-        ids = ids.to(dev)
-        gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
-        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, greedy)
-        return generate(
-            self.net, ids, max_new_tokens=max_new_tokens, prefix=prefix, uncond_prefix=uncond, cfg_scale=cfg_scale,
-            sampling=params, eos_id=tok.eos_id, pad_id=tok.pad_id,
-            types_fn=tok.types if tok.num_types > 0 else None,
-            allowed_fn=tok.allowed_next if constrained else None,
-            stream=stream, generator=gen, num_return_sequences=num_samples, use_cache=use_cache,
-        )
-
-    def sampler(self, **overrides):
-        """The modality's sampler, rebuilt from the saved config."""
-        return instantiate(self.config.modality.sampler, **overrides)
-
-    def __repr__(self) -> str:
-        return f"ARModel(modality={self.modality!r}, params={self.net.num_params():,}, tokenizer={self.tokenizer})"
 
 
 def load_checkpoint_meta(path: str | Path, expect_modality: str | None = None) -> tuple[dict, DictConfig]:
@@ -144,27 +48,26 @@ def _sub_state(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True,
-         expect_modality: str | None = None):
-    """Rebuild a trained model from a checkpoint written by ``armodal-train``.
+def is_ar_config(cfg: DictConfig) -> bool:
+    """Whether a saved run config trains the shared AR transformer (else it is another stage)."""
+    return cfg.module._target_ == AR_MODULE
 
-    AR checkpoints give an :class:`ARModel`; other stages (e.g. a VQ tokenizer) give
-    their LightningModule with the weights loaded. Only ``armodal.*`` targets are
-    rebuilt, and weights are read with ``weights_only=True``.
+
+def load(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True,
+         expect_modality: str | None = None) -> ARModel:
+    """Rebuild a trained autoregressive model from a checkpoint written by ``armodal-train``.
+
+    Always an :class:`ARModel`; a checkpoint of another stage (e.g. the image VQ tokenizer)
+    is a :class:`CheckpointError` pointing at :func:`load_stage`.  Only ``armodal.*`` targets
+    are rebuilt, and weights are read with ``weights_only=True``.
     """
     path = Path(path)
     ckpt, cfg = load_checkpoint_meta(path, expect_modality)
+    if not is_ar_config(cfg):
+        raise CheckpointError(f"{path}: not an autoregressive checkpoint (stage {cfg.module._target_}); "
+                              "load it with armodal.load_stage, or pass the AR stage's checkpoint")
     meta = ckpt["armodal"]
     state = ckpt["state_dict"]
-    target = cfg.module._target_
-    if target != AR_MODULE:
-        module_path, _, name = target.rpartition(".")
-        cls = getattr(importlib.import_module(module_path), name)
-        if hasattr(cls, "from_checkpoint"):
-            return cls.from_checkpoint(ckpt, cfg, path).to(device).eval()
-        module = instantiate(cfg.module)
-        module.load_state_dict(state)
-        return module.to(device).eval()
     tokenizer = load_tokenizer(_find_tokenizer_dir(path, meta))
     if cfg.modality.get("name") and tokenizer.modality != cfg.modality.name:
         raise CheckpointError(f"{path}: saved tokenizer is for {tokenizer.modality!r}, config says {cfg.modality.name!r}")
@@ -180,3 +83,24 @@ def load(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = T
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not match the saved model config ({' '.join(str(e).split())[:300]})") from None
     return ARModel(net, tokenizer, cond, cfg, str(path)).to(device).eval()
+
+
+def load_stage(path: str | Path, device: str | torch.device = "cpu", expect_modality: str | None = None):
+    """Rebuild a non-AR training stage (e.g. the image VQ tokenizer's ``VQLitModule``) with its weights.
+
+    The stage's class may define ``from_checkpoint(ckpt, cfg, path)``; otherwise it is built from the
+    saved ``module`` config and given the saved ``state_dict``.  An AR checkpoint is a
+    :class:`CheckpointError` pointing at :func:`load`.
+    """
+    path = Path(path)
+    ckpt, cfg = load_checkpoint_meta(path, expect_modality)
+    if is_ar_config(cfg):
+        raise CheckpointError(f"{path}: an autoregressive checkpoint; load it with armodal.load")
+    target = cfg.module._target_
+    module_path, _, name = target.rpartition(".")
+    cls = getattr(importlib.import_module(module_path), name)
+    if hasattr(cls, "from_checkpoint"):
+        return cls.from_checkpoint(ckpt, cfg, path).to(device).eval()
+    module = instantiate(cfg.module)
+    module.load_state_dict(ckpt["state_dict"])
+    return module.to(device).eval()

@@ -3,58 +3,31 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from armodal.generate import pick_device
+from armodal.training.loss import dataset_nll
 from armodal.utils.config import main_wrapper, register_resolvers
+from armodal.utils.device import pick_device
 
-__all__ = ["evaluate", "dataset_nll", "main"]
-
-
-def _to(batch, device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to(v, device) for v in batch)
-    return batch
-
-
-@torch.no_grad()
-def dataset_nll(model, loader, max_batches: int | None = None) -> dict:
-    """Token-weighted NLL over a dataloader: nats/token, bits/token, perplexity, token count."""
-    from armodal.training.lit_module import batch_nll
-
-    total, count = 0.0, 0.0
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        s, n = batch_nll(model.net, model.conditioner, _to(batch, model.device), model.tokenizer.pad_id)
-        total += float(s)
-        count += float(n)
-    nll = total / max(count, 1.0)
-    return {"nll": nll, "bpt": nll / math.log(2), "ppl": math.exp(min(nll, 50)), "tokens": count}
+__all__ = ["evaluate", "main"]
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    from armodal.api import ARModel, load
+    from armodal.api import is_ar_config, load, load_checkpoint_meta, load_stage
 
     register_resolvers()
     if not cfg.get("ckpt"):
         raise ValueError("armodal-eval needs ckpt=PATH (a checkpoint written by armodal-train)")
     ckpt = Path(cfg.ckpt).resolve()
-    model = load(ckpt, device=pick_device(cfg.device), use_ema=cfg.use_ema)
-    saved = model.config if isinstance(model, ARModel) else None
-    if saved is None:
-        from armodal.api import load_checkpoint_meta
-
-        _, saved = load_checkpoint_meta(ckpt)
+    _, saved = load_checkpoint_meta(ckpt)
+    is_ar = is_ar_config(saved)
+    if is_ar:
+        model = load(ckpt, device=pick_device(cfg.device), use_ema=cfg.use_ema)
+    else:  # another stage (e.g. the image VQ tokenizer): only the modality's own metrics apply
+        model = load_stage(ckpt, device=pick_device(cfg.device))
     data_cfg = OmegaConf.merge(saved.modality.data, cfg.get("data") or {})
     dm = instantiate(data_cfg)
     dm.prepare_data()
@@ -65,7 +38,7 @@ def evaluate(cfg: DictConfig) -> dict:
         except Exception:  # noqa: BLE001 - modalities without a test split
             pass
     metrics: dict = {"ckpt": str(ckpt), "modality": saved.modality.name}
-    if isinstance(model, ARModel):
+    if is_ar:
         mb = cfg.get("max_batches")
         metrics["val"] = dataset_nll(model, dm.val_dataloader(), mb)
         try:

@@ -38,7 +38,7 @@ from bench_common import (  # noqa: E402
     emit, model_shape, num_params, param_report, sync,
 )
 
-from armodal.training.lit_module import batch_nll  # noqa: E402
+from armodal.training import batch_nll  # noqa: E402
 from armodal.training.optim import adamw  # noqa: E402
 
 

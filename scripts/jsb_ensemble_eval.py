@@ -16,7 +16,7 @@ import torch
 from hydra.utils import instantiate
 
 import armodal
-from armodal.modalities.music.jsb import JSBTokenizer
+from armodal.modalities.music.tokenizer import JSBTokenizer
 from armodal.modalities.music.jsb_ensemble import transposition_ensemble_nll
 
 

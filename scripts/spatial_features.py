@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from armodal.modalities.spatial._features import FeatureConfig, FeatureExtractor
-from armodal.modalities.spatial._io import read_section
-from armodal.modalities.spatial._patches import extract_patches
+from armodal.modalities.spatial.features import FeatureConfig, FeatureExtractor
+from armodal.modalities.spatial.io import read_section
+from armodal.modalities.spatial.patches import extract_patches
 
 
 def main() -> None:

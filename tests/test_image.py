@@ -31,7 +31,7 @@ SMALL = dict(channels=[8, 16, 16], codebook_size=32, code_dim=4)
 
 
 def _tiny_model(vq: VQModel | None = None, num_classes: int = 3, seed: int = 0):
-    from armodal.api import ARModel
+    from armodal.ar_model import ARModel
     from armodal.models import build_transformer
 
     torch.manual_seed(seed)

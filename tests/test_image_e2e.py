@@ -36,7 +36,8 @@ def _compose(name: str, overrides: list[str]):
 
 
 def test_image_two_stages_end_to_end(tmp_path, monkeypatch):
-    from armodal.api import ARModel, load
+    from armodal.api import load
+    from armodal.ar_model import ARModel
     from armodal.eval import evaluate
     from armodal.modalities.image import VQImageTokenizer, sample_images
     from armodal.train import train
@@ -81,3 +82,14 @@ def test_image_two_stages_end_to_end(tmp_path, monkeypatch):
     vq_metrics = evaluate(_compose("eval", [f"ckpt={vq_dir / 'checkpoints' / 'last.ckpt'}",
                                             f"out={tmp_path / 'vq_eval.json'}", "++evaluator.clf_epochs=1"]))
     assert "vq" in vq_metrics and "samples" not in vq_metrics
+
+    # load() always gives an ARModel; the VQ stage comes from load_stage(), and each refuses the other
+    from armodal.api import load_stage
+    from armodal.modalities.image import VQLitModule
+    from armodal.training.checkpoint import CheckpointError
+
+    assert isinstance(load_stage(vq_dir / "checkpoints" / "last.ckpt"), VQLitModule)
+    with pytest.raises(CheckpointError, match="load_stage"):
+        load(vq_dir / "checkpoints" / "last.ckpt")
+    with pytest.raises(CheckpointError, match="armodal.load"):
+        load_stage(ar_dir / "checkpoints" / "last.ckpt")

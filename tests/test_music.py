@@ -11,7 +11,7 @@ import pytest
 import torch
 from symusic import Note, Score, Tempo, Track
 
-from armodal.api import ARModel
+from armodal.ar_model import ARModel
 from armodal.models import build_transformer
 from armodal.modalities.base import load_tokenizer
 from armodal.modalities.music import (
@@ -246,7 +246,7 @@ def test_jsb_hold_types_are_causal_and_match_a_reference(tmp_path):
 
 
 def test_jsb_transposition_ensemble_is_a_causal_distribution(tmp_path):
-    from armodal.eval import dataset_nll
+    from armodal.training import dataset_nll
     from armodal.modalities.music.jsb_ensemble import shifted_log_probs, transposition_ensemble_nll
 
     path = write_jsb(tmp_path / "Jsb16thSeparated.npz")

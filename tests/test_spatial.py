@@ -342,7 +342,8 @@ def _compose(name: str, overrides: list[str]):
 @pytest.mark.slow  # ~2 min on an idle 2-core machine (SSL stage, train, eval with the ridge CV, generate)
 def test_tiny_end_to_end_cpu(tmp_path, monkeypatch):
     """armodal-train / armodal-eval / armodal-generate on three synthetic her2st sections."""
-    from armodal.api import ARModel, load
+    from armodal.api import load
+    from armodal.ar_model import ARModel
     from armodal.eval import evaluate
     from armodal.generate import generate
     from armodal.train import train

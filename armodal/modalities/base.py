@@ -28,17 +28,22 @@ import importlib
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # pragma: no cover
-    from armodal.api import ARModel
-
-__all__ = ["Tokenizer", "Conditioner", "Sampler", "load_tokenizer", "TOKENIZER_FILE"]
+__all__ = ["Tokenizer", "Conditioner", "Sampler", "load_tokenizer", "TOKENIZER_FILE", "MOVED_TOKENIZERS"]
 
 TOKENIZER_FILE = "tokenizer.json"
+
+# Tokenizer classes that moved: the module paths older tokenizer.json files name -> where they live now.
+MOVED_TOKENIZERS = {
+    "armodal.modalities.music.jsb.JSBTokenizer": "armodal.modalities.music.tokenizer.JSBTokenizer",
+    "armodal.modalities.spatial._tokenizer.ExpressionTokenizer": "armodal.modalities.spatial.tokenizer.ExpressionTokenizer",
+    "armodal.modalities.spatial._tokenizer.RVQExpressionTokenizer": "armodal.modalities.spatial.tokenizer.RVQExpressionTokenizer",
+    "armodal.modalities.spatial._tokenizer.BinnedExpressionTokenizer": "armodal.modalities.spatial.tokenizer.BinnedExpressionTokenizer",
+}
 
 
 class Tokenizer(ABC):
@@ -130,6 +135,7 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a valid armodal tokenizer file ({e})") from None
     check_target(target, source=str(path))
+    target = MOVED_TOKENIZERS.get(target, target)
     module, _, name = target.rpartition(".")
     cls = getattr(importlib.import_module(module), name)
     if not (isinstance(cls, type) and issubclass(cls, Tokenizer)):
@@ -156,11 +162,11 @@ class Conditioner(nn.Module):
 
 
 class Sampler(ABC):
-    """Turns a loaded :class:`armodal.api.ARModel` into files (MIDI, PNG, h5ad...).
+    """Turns a loaded :class:`armodal.ar_model.ARModel` (``model``) into files (MIDI, PNG, h5ad...).
 
     ``__call__`` returns a JSON-serialisable summary (paths written, metrics).
     Keyword overrides given on the ``armodal-generate`` command line arrive as kwargs.
     """
 
     @abstractmethod
-    def __call__(self, model: "ARModel", num_samples: int, out_dir: str | Path, **overrides: Any) -> dict: ...
+    def __call__(self, model: Any, num_samples: int, out_dir: str | Path, **overrides: Any) -> dict: ...

@@ -1,8 +1,8 @@
 """Training: the AR LightningModule, loss, callbacks, checkpoint IO and optimiser factories."""
 
 from armodal.training.checkpoint import AtomicCheckpointIO, CheckpointError, atomic_torch_save, read_checkpoint
-from armodal.training.lit_module import ARLitModule, batch_nll
-from armodal.training.loss import next_token_nll
+from armodal.training.lit_module import ARLitModule
+from armodal.training.loss import batch_nll, dataset_nll, next_token_nll
 
 __all__ = [
     "ARLitModule",
@@ -10,6 +10,7 @@ __all__ = [
     "CheckpointError",
     "atomic_torch_save",
     "batch_nll",
+    "dataset_nll",
     "next_token_nll",
     "read_checkpoint",
 ]

@@ -12,6 +12,8 @@ import torch
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
+from armodal.ar_model import ARModel
+
 __all__ = [
     "last_checkpoint",
     "best_checkpoint",
@@ -79,8 +81,6 @@ class SampleCallback(pl.Callback):
         self._n += 1
         if (self._n - 1) % self.every_n_val:
             return
-        from armodal.api import ARModel
-
         out_dir = Path(pl_module.run_dir) / "samples" / f"step_{trainer.global_step:07d}"
         model = ARModel.from_module(pl_module)
         was_training = pl_module.training

@@ -11,20 +11,9 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
-from armodal.training.loss import next_token_nll
+from armodal.training.loss import batch_nll
 
-__all__ = ["ARLitModule", "batch_nll"]
-
-
-def batch_nll(net: nn.Module, conditioner: nn.Module | None, batch: dict, pad_id: int | None):
-    """(sum NLL in nats, number of target tokens) for one batch dict."""
-    ids = batch["ids"]
-    prefix = None
-    if conditioner is not None and batch.get("cond") is not None:
-        prefix = conditioner(batch["cond"])
-    logits = net(ids, prefix=prefix, types=batch.get("types"))
-    p = 0 if prefix is None else prefix.shape[1]
-    return next_token_nll(logits, ids, p, batch.get("loss_mask"), pad_id)
+__all__ = ["ARLitModule"]
 
 
 class ARLitModule(pl.LightningModule):

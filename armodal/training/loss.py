@@ -1,11 +1,14 @@
-"""Next-token loss under teacher forcing."""
+"""Next-token loss under teacher forcing: per batch (training) and over a dataloader (evaluation)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["token_logits_and_targets", "next_token_nll"]
+__all__ = ["token_logits_and_targets", "next_token_nll", "batch_nll", "dataset_nll", "to_device"]
 
 
 def token_logits_and_targets(
@@ -32,3 +35,39 @@ def next_token_nll(
     nll = F.cross_entropy(lg.float().reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="none")
     mask = mask.reshape(-1).float()
     return (nll * mask).sum(), mask.sum()
+
+
+def batch_nll(net: nn.Module, conditioner: nn.Module | None, batch: dict, pad_id: int | None):
+    """(sum NLL in nats, number of target tokens) for one batch dict."""
+    ids = batch["ids"]
+    prefix = None
+    if conditioner is not None and batch.get("cond") is not None:
+        prefix = conditioner(batch["cond"])
+    logits = net(ids, prefix=prefix, types=batch.get("types"))
+    p = 0 if prefix is None else prefix.shape[1]
+    return next_token_nll(logits, ids, p, batch.get("loss_mask"), pad_id)
+
+
+def to_device(batch, device):
+    """A batch (tensor, or dict / list / tuple of them) moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+@torch.no_grad()
+def dataset_nll(model, loader, max_batches: int | None = None) -> dict:
+    """Token-weighted NLL over a dataloader: nats/token, bits/token, perplexity, token count."""
+    total, count = 0.0, 0.0
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        s, n = batch_nll(model.net, model.conditioner, to_device(batch, model.device), model.tokenizer.pad_id)
+        total += float(s)
+        count += float(n)
+    nll = total / max(count, 1.0)
+    return {"nll": nll, "bpt": nll / math.log(2), "ppl": math.exp(min(nll, 50)), "tokens": count}

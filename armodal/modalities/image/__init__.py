@@ -9,6 +9,10 @@ raster-order codes after a class prefix from :class:`ClassConditioner`, with the
 cell index as its type stream.  :class:`ImageSampler` renders class-conditional
 samples (CFG, temperature, top-k/p); :class:`ImageEvaluator` measures PSNR, codebook
 usage, bits per token/image, classifier accuracy and Fréchet distance.
+
+Modules: ``tokenizer``, ``data``, ``conditioner``, ``sampler``, ``evaluate`` (the skeleton every
+modality shares) and the domain extras ``vq`` (the VQ-VAE network) and ``vq_module`` (its training
+stage, ``save_vq`` / ``load_vq``).
 """
 
 from armodal.modalities.image.conditioner import ClassConditioner

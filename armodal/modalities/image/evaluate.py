@@ -170,7 +170,7 @@ class ImageEvaluator:
 
     def __call__(self, model: Any, datamodule: ImageDataModule, out_dir: str | Path, num_samples: int | None = None,
                  **_: Any) -> dict:
-        from armodal.api import ARModel
+        from armodal.ar_model import ARModel
 
         out_dir = Path(out_dir)
         datamodule.setup("test")
@@ -222,7 +222,7 @@ class ImageEvaluator:
         return metrics
 
     def _ar_metrics(self, model, dm, clf, f_test, out_dir: Path) -> dict:
-        from armodal.eval import dataset_nll
+        from armodal.training.loss import dataset_nll
         from armodal.modalities.image.sampler import sample_images, save_grid
 
         seq_len = model.tokenizer.seq_len

@@ -12,7 +12,7 @@ from armodal.modalities.base import Sampler
 from armodal.modalities.image.tokenizer import to_uint8
 
 if TYPE_CHECKING:  # pragma: no cover
-    from armodal.api import ARModel
+    from armodal.ar_model import ARModel
 
 __all__ = ["ImageSampler", "sample_images", "save_grid"]
 

@@ -68,7 +68,7 @@ class VQLitModule(pl.LightningModule):
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, cfg: Any = None, path: Any = None) -> "VQLitModule":
-        """Rebuild from a checkpoint dict (used by :func:`armodal.load` for this stage)."""
+        """Rebuild from a checkpoint dict (used by :func:`armodal.load_stage` for this stage)."""
         if "vq_config" not in ckpt:
             raise ValueError(f"{path}: not a VQ tokenizer checkpoint (no 'vq_config')")
         module = cls(vq=ckpt["vq_config"])

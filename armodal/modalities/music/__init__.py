@@ -1,20 +1,26 @@
-"""Music modality: MIDI event tokenizers (miditok + symusic), MIDI-folder and JSB-chorales
-datamodules, a grammar-constrained sampler writing MIDI / piano roll / WAV, and sample metrics."""
+"""Music modality: MIDI event tokenizers (miditok + symusic) and the JSB grid tokenizer,
+MIDI-folder and JSB-chorales datamodules, a grammar-constrained sampler writing MIDI / piano roll / WAV,
+and sample metrics.
+
+Modules: ``tokenizer``, ``data``, ``sampler``, ``evaluate`` (the skeleton every modality shares) and the
+domain extras ``grid`` (JSB grid <-> MIDI), ``midi_io``, ``render``, ``bach``, ``jsb_ensemble``.
+"""
 
 from armodal.modalities.music.bach import convert_bach_chorales
-from armodal.modalities.music.data import MidiDataModule, MidiSkipWarning, find_midi_files, split_of, time_stretch
-from armodal.modalities.music.jsb import (
+from armodal.modalities.music.data import (
     JSBDataModule,
-    JSBTokenizer,
-    grid_to_score,
+    MidiDataModule,
+    MidiSkipWarning,
+    find_midi_files,
     load_jsb,
-    score_to_grid,
-    transpose_grid,
+    split_of,
+    time_stretch,
 )
-from armodal.modalities.music.metrics import MusicEvaluator, compare_sets, piece_stats
+from armodal.modalities.music.evaluate import MusicEvaluator, compare_sets, piece_stats
+from armodal.modalities.music.grid import grid_to_score, score_to_grid, transpose_grid
 from armodal.modalities.music.midi_io import BadMidiError, read_midi
 from armodal.modalities.music.sampler import MusicSampler
-from armodal.modalities.music.tokenizer import MidiTokenizer, merge_tracks
+from armodal.modalities.music.tokenizer import JSBTokenizer, MidiTokenizer, merge_tracks
 
 __all__ = [
     "BadMidiError",

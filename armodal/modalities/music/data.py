@@ -29,10 +29,21 @@ import torch
 from symusic import Note, Score, Track
 from torch.utils.data import DataLoader, Dataset
 
+from armodal.modalities.music.grid import NUM_VOICES, transpose_grid
 from armodal.modalities.music.midi_io import DEFAULT_MAX_BYTES, MIDI_SUFFIXES, BadMidiError, read_midi
-from armodal.modalities.music.tokenizer import MidiTokenizer
+from armodal.modalities.music.tokenizer import JSBTokenizer, MidiTokenizer
 
-__all__ = ["MidiDataModule", "MidiSkipWarning", "find_midi_files", "split_of", "time_stretch", "random_transpose"]
+__all__ = [
+    "MidiDataModule",
+    "MidiSkipWarning",
+    "find_midi_files",
+    "split_of",
+    "time_stretch",
+    "random_transpose",
+    "JSBDataModule",
+    "load_jsb",
+    "JSB_FILE",
+]
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -293,3 +304,187 @@ class MidiDataModule(pl.LightningDataModule):
         """The held-out pieces of a split as the tokenizer represents them (for metrics)."""
         self.setup()
         return [self.tokenizer.decode(torch.from_numpy(np.asarray(v[0], dtype=np.int64))) for v in self.splits[split]]
+
+
+# ----------------------------------------------------------------------------- JSB chorales
+# The JSB chorales benchmark: a 4-voice 16th-note grid, one token per voice-step.
+#
+# ``Jsb16thSeparated.npz`` (Boulanger-Lewandowski et al. 2012, 16th-note version used
+# by Coconet and Music Transformer) holds, per split, a list of float arrays
+# ``[T, 4]``: MIDI pitches of soprano, alto, tenor, bass per 16th-note step, NaN for
+# a rest.  A piece is serialised as ``BOS S1 A1 T1 B1 S2 A2 T2 B2 ... EOS``; the voice
+# of every token goes in the type stream.  Every voice-step token is a training
+# target (the BOS in front predicts S1), and ``EOS`` / ``PAD`` are excluded from the
+# loss so the reported NLL is exactly the note-wise NLL of the literature.
+
+JSB_FILE = "Jsb16thSeparated.npz"
+
+
+def load_jsb(path: str | Path) -> dict[str, list[np.ndarray]]:
+    """Read ``Jsb16thSeparated.npz`` -> {"train"|"valid"|"test": [grid [T, 4] float64]}."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / JSB_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: JSB chorales file not found. Get Jsb16thSeparated.npz from "
+            "https://github.com/czhuang/JSB-Chorales-dataset and point paths.data_dir "
+            "(or data.path) at the folder holding jsb_chorales/"
+        )
+    try:
+        raw = np.load(path, allow_pickle=True, encoding="latin1")
+        splits = {k: [np.asarray(x, dtype=np.float64) for x in raw[k]] for k in ("train", "valid", "test")}
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same message
+        raise ValueError(f"{path}: not a readable JSB npz with train/valid/test keys ({type(e).__name__}: {e})") from None
+    for name, pieces in splits.items():
+        for i, g in enumerate(pieces):
+            if g.ndim != 2 or g.shape[1] != NUM_VOICES:
+                raise ValueError(f"{path}: {name}[{i}] has shape {g.shape}, expected [T, {NUM_VOICES}]")
+    return splits
+
+
+def _random_transpose(grid: np.ndarray, max_transpose: int, low: int, high: int, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly drawn shift in [-k, k] among those that keep the piece in range."""
+    for s in rng.permutation(np.arange(-max_transpose, max_transpose + 1)):
+        moved = transpose_grid(grid, int(s), low, high)
+        if moved is not None:  # shift 0 always fits, so this ends
+            return moved
+    return grid
+
+
+class _JSBTrainWindows(Dataset):
+    """One random window of up to ``window_steps`` steps per piece and epoch, randomly transposed.
+
+    Windows start on a beat (a multiple of 4 steps); a window starting at step 0
+    begins with BOS (every token a target), later ones start on a soprano token
+    whose own prediction is masked out (it has no predictor).
+    """
+
+    def __init__(self, grids, tok: JSBTokenizer, window_steps: int, max_transpose: int, start_prob: float) -> None:
+        self.grids, self.tok, self.window_steps = grids, tok, window_steps
+        self.max_transpose, self.start_prob = max_transpose, start_prob
+
+    def __len__(self) -> int:
+        return len(self.grids)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        rng = np.random.default_rng()
+        grid = self.grids[i]
+        if self.max_transpose > 0:
+            grid = _random_transpose(grid, self.max_transpose, self.tok.low, self.tok.high, rng)
+        n_beats = max(0, (len(grid) - self.window_steps) // 4)
+        start = 0 if (n_beats == 0 or rng.random() < self.start_prob) else 4 * int(rng.integers(1, n_beats + 1))
+        window = grid[start : start + self.window_steps]
+        ids = self.tok.encode(window, bos=start == 0, eos=start + self.window_steps >= len(grid))
+        return ids, 0  # every token after the first is a target
+
+
+class _JSBEvalWindows(Dataset):
+    """Sliding windows that score every voice-step token of a split exactly once.
+
+    The first window of a piece starts with BOS and scores steps ``[0, W)``; each
+    next window moves by ``stride`` steps and scores only its last ``stride`` steps,
+    so every token is predicted with at least ``W - stride`` steps of context.
+    """
+
+    def __init__(self, grids, tok: JSBTokenizer, window_steps: int, stride_steps: int) -> None:
+        self.items: list[tuple[torch.Tensor, int]] = []  # (ids, number of leading non-target tokens)
+        for grid in grids:
+            n = len(grid)
+            self.items.append((tok.encode(grid[:window_steps], bos=True, eos=False), 0))
+            end = window_steps
+            while end < n:
+                new_end = min(end + stride_steps, n)
+                start = max(0, new_end - window_steps)
+                start += (-start) % 4  # keep windows on beats (the type stream may carry the beat)
+                ids = tok.encode(grid[start:new_end], bos=start == 0, eos=False)
+                skip = (1 if start == 0 else 0) + NUM_VOICES * (end - start)  # already-scored tokens
+                self.items.append((ids, skip))
+                end = new_end
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.items[i]
+
+
+class JSBDataModule(pl.LightningDataModule):
+    """JSB chorales: train on ``train``, validate on ``valid``, test on ``test``.
+
+    Training draws one random window of ``window_steps`` 16th-note steps per piece
+    and epoch, transposed by a random shift in ``[-max_transpose, max_transpose]``
+    that keeps every note in 36..81.  Validation and test score every voice-step
+    token exactly once with sliding windows (:class:`_JSBEvalWindows`), so the
+    generic ``val/nll`` is the note-wise NLL of the benchmark.
+
+    Batches: ``ids`` [B, T], ``types`` [B, T] (voice), ``loss_mask`` [B, T]
+    (True on the scored voice-step tokens only; never BOS, EOS or PAD).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        batch_size: int = 16,
+        window_steps: int = 128,
+        stride_steps: int = 64,
+        max_transpose: int = 5,
+        start_prob: float = 0.25,
+        beat_types: bool = False,
+        hold_types: int = 0,
+        num_workers: int = 0,
+        eval_batch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if window_steps % 4 or stride_steps % 4 or not 0 < stride_steps <= window_steps:
+            raise ValueError("window_steps and stride_steps must be multiples of 4 with 0 < stride <= window")
+        self.path, self.batch_size, self.window_steps, self.stride_steps = path, batch_size, window_steps, stride_steps
+        self.max_transpose, self.start_prob, self.num_workers = max_transpose, start_prob, num_workers
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.tokenizer = JSBTokenizer(beat_types=beat_types, hold_types=hold_types)
+        self.splits: dict[str, list[np.ndarray]] | None = None
+
+    @property
+    def max_seq_len(self) -> int:
+        """Longest sequence a batch can hold: BOS + window + EOS."""
+        return NUM_VOICES * self.window_steps + 2
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is None:
+            self.splits = load_jsb(self.path)
+            log.info("JSB chorales: %s pieces", {k: len(v) for k, v in self.splits.items()})
+
+    def collate(self, items: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
+        t = max(len(s) for s, _ in items)
+        ids = torch.full((len(items), t), self.tokenizer.pad_id, dtype=torch.long)  # [B, T]
+        loss_mask = torch.zeros(len(items), t, dtype=torch.bool)  # [B, T]
+        for i, (s, skip) in enumerate(items):
+            ids[i, : len(s)] = s
+            loss_mask[i, skip : len(s)] = True
+        loss_mask &= ids >= self.tokenizer.rest_id  # voice-step tokens only
+        return {"ids": ids, "types": self.tokenizer.types(ids), "loss_mask": loss_mask}
+
+    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
+                          num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        ds = _JSBTrainWindows(self.splits["train"], self.tokenizer, self.window_steps, self.max_transpose,
+                              self.start_prob)
+        return self._loader(ds, self.batch_size, True)
+
+    def eval_dataset(self, split: str) -> Dataset:
+        self.setup()
+        return _JSBEvalWindows(self.splits[split], self.tokenizer, self.window_steps, self.stride_steps)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_dataset("valid"), self.eval_batch_size, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_dataset("test"), self.eval_batch_size, False)
+
+    def pieces(self, split: str) -> list[np.ndarray]:
+        """The raw grids of a split ("train", "valid", "test"), for evaluators and prompts."""
+        self.setup()
+        return self.splits[split]

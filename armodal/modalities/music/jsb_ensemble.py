@@ -13,7 +13,7 @@ ensemble in the ordinary sense and stays a proper autoregressive model:
   member is a distribution over the full vocabulary and so is their mean.
 
 The reported number is the note-wise NLL of that mixture, token-weighted exactly
-like :func:`armodal.eval.dataset_nll`.  It is a test-time ensemble: report it next
+like :func:`armodal.training.dataset_nll`.  It is a test-time ensemble: report it next
 to the single-model number, never instead of it.
 """
 
@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from armodal.modalities.music.jsb import JSBTokenizer
+from armodal.modalities.music.tokenizer import JSBTokenizer
 
 __all__ = ["shifted_log_probs", "transposition_ensemble_nll"]
 

@@ -18,7 +18,7 @@ from armodal.modalities.music.midi_io import read_midi
 from armodal.modalities.music.render import AUDIO_HINT, piano_roll_png, render_wav, write_midi
 
 if TYPE_CHECKING:  # pragma: no cover
-    from armodal.api import ARModel
+    from armodal.ar_model import ARModel
 
 __all__ = ["MusicSampler"]
 

@@ -13,6 +13,9 @@ The grammar (:meth:`MidiTokenizer.allowed_next`) is miditok's token-type graph
 MIDI-Like ``NoteOff`` only for a sounding pitch and EOS only once every note is
 closed; REMI ``Position`` strictly increasing inside a bar.  Constrained samples
 therefore have zero grammar errors and decode to valid MIDI.
+
+:class:`JSBTokenizer` is the JSB chorales grid tokenizer: one token per voice and
+16th-note step (see :mod:`armodal.modalities.music.grid`).
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ import torch
 from symusic import Score, Track
 
 from armodal.modalities.base import Tokenizer
+from armodal.modalities.music.grid import JSB_HIGH, JSB_LOW, NUM_VOICES, grid_to_score, score_to_grid
 from armodal.modalities.music.midi_io import read_midi
 
-__all__ = ["MidiTokenizer", "merge_tracks", "TOKENIZER_KINDS"]
+__all__ = ["MidiTokenizer", "JSBTokenizer", "merge_tracks", "TOKENIZER_KINDS"]
 
 TOKENIZER_KINDS = ("midilike", "remi")
 SPECIALS = ["PAD", "BOS", "EOS"]
@@ -316,3 +320,182 @@ class MidiTokenizer(Tokenizer):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: the miditok parameters saved with this tokenizer are missing")
         return cls(kind=state["kind"], params=path)
+
+
+# ----------------------------------------------------------------------------- JSB grid tokenizer
+class JSBTokenizer(Tokenizer):
+    """Grid ``[T, 4]`` (MIDI pitch or NaN) <-> ids ``BOS s a t b s a t b ... EOS``.
+
+    Ids: 0 PAD, 1 BOS, 2 EOS, 3 REST, then one id per pitch in ``[low, high]``.
+    ``types`` gives each token its voice (0..3); BOS counts as the bass of step -1,
+    so the type of position ``i`` is ``(i + 3) % 4`` for sequences that start
+    with BOS.  With ``beat_types=True`` the type also carries the 16th-note position
+    inside the beat (``voice + 4 * (step % 4)``, 16 types).  With ``hold_types=K > 0``
+    it also carries how many steps this voice has already held its current token
+    (``0`` = it changed at this step, capped at ``K - 1``); that is a function of the
+    tokens up to and including this one, so the model stays a proper autoregressive
+    model, and it is the repetition feature of TonicNet (Peracha 2019): it tells the
+    model where the sounding note began without a multi-hop attention search.
+    """
+
+    modality = "music"
+    pad_id, bos_id, eos_id, rest_id = 0, 1, 2, 3
+    num_specials = 4
+
+    def __init__(self, low: int = JSB_LOW, high: int = JSB_HIGH, beat_types: bool = False,
+                 hold_types: int = 0) -> None:
+        if not 0 <= low <= high <= 127:
+            raise ValueError(f"pitch range must satisfy 0 <= low <= high <= 127, got [{low}, {high}]")
+        if int(hold_types) < 0 or int(hold_types) == 1:
+            raise ValueError(f"hold_types must be 0 (off) or >= 2 buckets, got {hold_types}")
+        self.low, self.high, self.beat_types = int(low), int(high), bool(beat_types)
+        self.hold_types = int(hold_types)
+
+    # -- sizes -------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.num_specials + self.high - self.low + 1
+
+    @property
+    def num_types(self) -> int:
+        return NUM_VOICES * (4 if self.beat_types else 1) * max(1, self.hold_types)
+
+    # -- encode / decode ---------------------------------------------------------------
+    def pitch_to_id(self, grid: np.ndarray) -> np.ndarray:
+        """Float grid [T, 4] -> int ids [T, 4] (NaN -> REST)."""
+        grid = np.asarray(grid, dtype=np.float64)
+        rest = np.isnan(grid)
+        pitches = np.where(rest, self.low, grid)
+        if (pitches != np.round(pitches)).any():
+            raise ValueError("JSB grid holds non-integer pitches")
+        bad = (~rest) & ((pitches < self.low) | (pitches > self.high))
+        if bad.any():
+            raise ValueError(
+                f"pitch {int(grid[bad][0])} outside the tokenizer range [{self.low}, {self.high}]"
+            )
+        return np.where(rest, self.rest_id, pitches.astype(np.int64) - self.low + self.num_specials)
+
+    def encode(self, item: Any, bos: bool = True, eos: bool = True) -> torch.Tensor:
+        """Grid [T, 4] -> LongTensor [1 + 4T + 1] (``BOS``, voice-steps row by row, ``EOS``)."""
+        grid = np.asarray(item)
+        if grid.ndim != 2 or grid.shape[1] != NUM_VOICES:
+            raise ValueError(f"a JSB piece is a [T, {NUM_VOICES}] grid, got shape {grid.shape}")
+        body = self.pitch_to_id(grid).reshape(-1)
+        parts = ([self.bos_id] if bos else []) + body.tolist() + ([self.eos_id] if eos else [])
+        return torch.tensor(parts, dtype=torch.long)
+
+    def decode(self, ids: torch.Tensor) -> np.ndarray:
+        """ids [T] -> grid [steps, 4] (float, NaN = rest).
+
+        Specials are dropped, decoding stops at the first EOS and an incomplete last
+        step is dropped (it cannot come out of constrained decoding).
+        """
+        ids = torch.as_tensor(ids).reshape(-1).tolist()
+        if ids and ids[0] == self.bos_id:
+            ids = ids[1:]
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        ids = [i for i in ids if i != self.pad_id]
+        if any(i < self.num_specials and i != self.rest_id for i in ids):
+            raise ValueError("JSB ids hold a BOS/PAD inside the piece: not a valid sequence")
+        steps = len(ids) // NUM_VOICES
+        arr = np.array(ids[: steps * NUM_VOICES], dtype=np.int64).reshape(steps, NUM_VOICES)
+        grid = (arr - self.num_specials + self.low).astype(np.float64)
+        grid[arr == self.rest_id] = np.nan
+        return grid
+
+    # -- type stream and grammar --------------------------------------------------------
+    def types(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] -> [B, T] voice of each position.
+
+        A row starting with BOS has BOS at voice 3 (the bass of step -1) and S1 at
+        position 1; a row without BOS (a window inside a piece) starts on a soprano
+        token.  Windows always start on a beat, so the beat phase is known too.
+        """
+        pos = torch.arange(ids.shape[-1], device=ids.device)[None, :]  # [1, T]
+        has_bos = (ids[:, :1] == self.bos_id).long()  # [B, 1]
+        rel = pos - has_bos  # index of the token inside the body; -1 for BOS
+        voice = rel % NUM_VOICES
+        if self.beat_types:
+            step = torch.div(rel, NUM_VOICES, rounding_mode="floor").clamp_min(0)
+            voice = voice + NUM_VOICES * (step % 4)
+        voice = voice.expand(ids.shape[0], -1)
+        if self.hold_types:
+            voice = voice + (self.num_types // self.hold_types) * self._hold_run(ids, rel)
+        return voice.contiguous()
+
+    def _hold_run(self, ids: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
+        """[B, T] steps for which each voice-step token repeats its voice's token (cap ``hold_types - 1``)."""
+        lag = NUM_VOICES
+        prev = torch.full_like(ids, -1)
+        prev[:, lag:] = ids[:, :-lag]
+        same = (ids == prev) & (rel >= lag) & (ids >= self.rest_id)  # [B, T] held from the step before
+        run, acc = same.long(), same
+        for k in range(1, min(self.hold_types - 1, (ids.shape[1] - 1) // lag + 1)):
+            shifted = torch.zeros_like(same)  # run >= k + 1 when the k steps before were held too
+            shifted[:, lag * k :] = same[:, : -lag * k]
+            acc = acc & shifted
+            run = run + acc.long()
+        return run
+
+    def allowed_next(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B, t] -> bool [B, V]: a rest or an in-range pitch for the next voice; EOS only
+        after a complete step (and at least one step); never PAD or BOS."""
+        b, t = ids.shape
+        mask = torch.zeros(b, self.vocab_size, dtype=torch.bool, device=ids.device)
+        mask[:, self.rest_id] = True
+        mask[:, self.num_specials :] = True
+        has_bos = (ids[:, 0] == self.bos_id).long() if t else torch.zeros(b, dtype=torch.long, device=ids.device)
+        n_body = t - has_bos  # [B] voice-step tokens so far
+        mask[:, self.eos_id] = (n_body > 0) & (n_body % NUM_VOICES == 0)
+        return mask
+
+    def grammar_errors(self, ids: torch.Tensor) -> int:
+        """Grammar violations in one sequence: no BOS first, BOS/PAD inside the piece, tokens
+        after EOS, an EOS that ends an incomplete step.  A sequence cut by the length limit
+        (no EOS) is not an error: its incomplete last step is dropped when decoding."""
+        ids = torch.as_tensor(ids).reshape(-1).tolist()
+        errors = 0
+        if not ids or ids[0] != self.bos_id:
+            errors += 1
+        body = ids[1:] if ids and ids[0] == self.bos_id else ids
+        if self.eos_id in body:
+            end = body.index(self.eos_id)
+            errors += sum(1 for i in body[end + 1 :] if i != self.pad_id)  # tokens after EOS
+            body = body[:end]
+            errors += int(len(body) % NUM_VOICES != 0)  # EOS inside a step
+        else:
+            body = [i for i in body if i != self.pad_id]
+        errors += sum(1 for i in body if i < self.num_specials and i != self.rest_id)
+        return errors
+
+    # -- MIDI views (used by the sampler and the evaluator) ------------------------------
+    def to_score(self, ids: torch.Tensor, qpm: float = 80.0) -> "Score":
+        """ids [T] -> 4-track :class:`symusic.Score`."""
+        return grid_to_score(self.decode(ids), qpm=qpm)
+
+    def prompt_ids(self, score: "Score", path: str, prompt_tokens: int | None = None,
+                   prompt_bars: float | None = None) -> torch.Tensor:
+        """A 4-voice MIDI prompt -> ids [1 + 4 * steps] (BOS first), cut to whole steps."""
+        grid = score_to_grid(score, path)
+        if prompt_bars is not None:
+            grid = grid[: int(round(prompt_bars * 16))]
+        ids = self.encode(grid, bos=True, eos=False)
+        if prompt_tokens is not None:
+            keep = 1 + NUM_VOICES * max(1, (int(prompt_tokens) - 1) // NUM_VOICES)
+            ids = ids[:keep]
+        if len(ids) <= 1:
+            raise ValueError(f"{path}: the prompt holds no notes after cutting it to {prompt_tokens or prompt_bars}")
+        return ids
+
+    def max_new_for(self, steps: int) -> int:
+        """Tokens needed for ``steps`` more grid steps (plus EOS)."""
+        return NUM_VOICES * steps + 1
+
+    # -- persistence ------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"low": self.low, "high": self.high, "beat_types": self.beat_types, "hold_types": self.hold_types}
+
+    @classmethod
+    def from_state(cls, state: dict, directory: Path) -> "JSBTokenizer":
+        return cls(**state)

@@ -7,12 +7,18 @@ K times gives each spot's prediction (mean) and uncertainty (std, 90 % interval)
 
 Readers follow scanpy's conventions: ``obsm['spatial']`` in full-resolution image
 pixels, the image and scale factors under ``uns['spatial'][library_id]``.
+
+Modules: ``tokenizer``, ``data``, ``conditioner``, ``sampler``, ``evaluate`` (the skeleton every
+modality shares) and the domain extras ``io`` (section readers, panels), ``patches`` (H&E patches,
+stain augmentation), ``features`` (patch encoders, SimCLR) and ``predict`` (section sampling, metrics,
+baseline, plots).
 """
 
-from armodal.modalities.spatial._conditioner import SpatialConditioner
-from armodal.modalities.spatial._data import SpatialDataModule, neighbourhoods
-from armodal.modalities.spatial._features import FeatureConfig, FeatureExtractor, build_backbone, train_simclr
-from armodal.modalities.spatial._io import (
+from armodal.modalities.spatial.conditioner import SpatialConditioner
+from armodal.modalities.spatial.data import SpatialDataModule, neighbourhoods
+from armodal.modalities.spatial.evaluate import SpatialEvaluator
+from armodal.modalities.spatial.features import FeatureConfig, FeatureExtractor, build_backbone, train_simclr
+from armodal.modalities.spatial.io import (
     SpatialDataError,
     apply_panel,
     load_image,
@@ -24,8 +30,8 @@ from armodal.modalities.spatial._io import (
     read_visium,
     select_hvg_panel,
 )
-from armodal.modalities.spatial._patches import augment, extract_patches, hed_to_rgb, patch_boxes, rgb_to_hed
-from armodal.modalities.spatial._predict import (
+from armodal.modalities.spatial.patches import augment, extract_patches, hed_to_rgb, patch_boxes, rgb_to_hed
+from armodal.modalities.spatial.predict import (
     HISTOGENE_PCC,
     interval_coverage,
     pearson_per_gene,
@@ -34,8 +40,8 @@ from armodal.modalities.spatial._predict import (
     ridge_baseline,
     sample_section,
 )
-from armodal.modalities.spatial._sampler import SpatialEvaluator, SpatialSampler, predict_section
-from armodal.modalities.spatial._tokenizer import BinnedExpressionTokenizer, ExpressionTokenizer, RVQExpressionTokenizer
+from armodal.modalities.spatial.sampler import SpatialSampler, predict_section
+from armodal.modalities.spatial.tokenizer import BinnedExpressionTokenizer, ExpressionTokenizer, RVQExpressionTokenizer
 
 __all__ = [
     "BinnedExpressionTokenizer", "ExpressionTokenizer", "FeatureConfig", "FeatureExtractor", "HISTOGENE_PCC",

@@ -109,6 +109,7 @@ class TokensDataModule(pl.LightningDataModule):
         self.make_toy, self.vocab_path = make_toy, Path(vocab) if vocab else None
         self.tokenizer: TokensTokenizer | None = None
         self._splits: dict[str, WindowDataset] = {}
+        self._seqs: dict[str, list[np.ndarray]] = {}
 
     def prepare_data(self) -> None:
         if self.make_toy and not (self.path / "train.npy").exists():
@@ -140,10 +141,11 @@ class TokensDataModule(pl.LightningDataModule):
             n_val = max(1, int(round(self.val_fraction * len(train)))) if len(train) > 1 else 0
             val = [train[i] for i in order[:n_val]]
             train = [train[i] for i in order[n_val:]]
-        self._splits["train"] = WindowDataset(train, self.tokenizer, self.seq_len)
-        self._splits["val"] = WindowDataset(val, self.tokenizer, self.seq_len)
+        self._seqs = {"train": train, "val": val}
         if test_file is not None:
-            self._splits["test"] = WindowDataset(read_token_file(test_file, self.tokenizer.n_symbols, dtype), self.tokenizer, self.seq_len)
+            self._seqs["test"] = read_token_file(test_file, self.tokenizer.n_symbols, dtype)
+        for split, seqs in self._seqs.items():
+            self._splits[split] = WindowDataset(seqs, self.tokenizer, self.seq_len)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(self._splits[split], batch_size=self.batch_size, shuffle=shuffle,
@@ -157,3 +159,12 @@ class TokensDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test" if "test" in self._splits else "val", False)
+
+    def sequences(self, split: str) -> list[np.ndarray]:
+        """The whole symbol sequences of a split (no BOS/EOS, not windowed), for evaluators."""
+        self.setup()
+        if split == "test" and "test" not in self._seqs:
+            split = "val"
+        if split not in self._seqs:
+            raise KeyError(f"{self.path}: no {split!r} split (have {sorted(self._seqs)})")
+        return self._seqs[split]

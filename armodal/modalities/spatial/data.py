@@ -27,8 +27,8 @@ import torch
 from scipy.spatial import cKDTree
 from torch.utils.data import DataLoader, Dataset
 
-from armodal.modalities.spatial._features import FeatureConfig, FeatureExtractor
-from armodal.modalities.spatial._io import (
+from armodal.modalities.spatial.features import FeatureConfig, FeatureExtractor
+from armodal.modalities.spatial.io import (
     SpatialDataError,
     apply_panel,
     load_panel,
@@ -36,8 +36,8 @@ from armodal.modalities.spatial._io import (
     read_section,
     select_hvg_panel,
 )
-from armodal.modalities.spatial._patches import extract_patches, patch_plan
-from armodal.modalities.spatial._tokenizer import BinnedExpressionTokenizer, ExpressionTokenizer, RVQExpressionTokenizer
+from armodal.modalities.spatial.patches import extract_patches, patch_plan
+from armodal.modalities.spatial.tokenizer import BinnedExpressionTokenizer, ExpressionTokenizer, RVQExpressionTokenizer
 
 __all__ = ["SpatialDataModule", "neighbourhoods"]
 

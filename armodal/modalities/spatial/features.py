@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from armodal.modalities.spatial._io import SpatialDataError
-from armodal.modalities.spatial._patches import augment
+from armodal.modalities.spatial.io import SpatialDataError
+from armodal.modalities.spatial.patches import augment
 
 __all__ = ["FeatureConfig", "build_backbone", "train_simclr", "FeatureExtractor"]
 

@@ -102,7 +102,7 @@ class MusicEvaluator:
 
     def _reference(self, datamodule) -> tuple[list[Score], str]:
         if hasattr(datamodule, "pieces"):  # JSB grid
-            from armodal.modalities.music.jsb import grid_to_score
+            from armodal.modalities.music.grid import grid_to_score
 
             split = self.split or "valid"
             return [grid_to_score(g) for g in datamodule.pieces(split)], split

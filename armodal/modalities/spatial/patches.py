@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from armodal.modalities.spatial._io import SpatialDataError, load_image
+from armodal.modalities.spatial.io import SpatialDataError, load_image
 
 __all__ = ["patch_size_px", "patch_boxes", "patch_plan", "extract_patches", "augment", "rgb_to_hed", "hed_to_rgb", "dihedral"]
 
