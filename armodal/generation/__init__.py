@@ -9,7 +9,7 @@
 """
 
 from armodal.generation.config import STRATEGIES, GenerationConfig, UnsupportedSetting, unsupported
-from armodal.generation.engine import Engine, GenerationOutput, Tokens, generate
+from armodal.generation.engine import Engine, GenerationOutput, Tokens, generate, seeded_generator
 from armodal.generation.processors import (
     cfg_mix,
     greedy,
@@ -42,6 +42,7 @@ __all__ = [
     "process",
     "repetition_penalty",
     "sample",
+    "seeded_generator",
     "temperature",
     "top_k",
     "top_p",

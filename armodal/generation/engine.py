@@ -29,7 +29,7 @@ import torch
 from armodal.generation.config import GenerationConfig
 from armodal.generation.processors import cfg_mix, process, sample
 
-__all__ = ["Engine", "GenerationOutput", "Tokens", "generate"]
+__all__ = ["Engine", "GenerationOutput", "Tokens", "generate", "seeded_generator"]
 
 TypesFn = Callable[[torch.Tensor], "torch.Tensor | None"]  # ids [B, t] -> types [B, t] (causal)
 AllowedFn = Callable[[torch.Tensor], "torch.Tensor | None"]  # ids [B, t] -> bool [B, V]
@@ -264,8 +264,8 @@ def generate(
     ids = _inputs(net, ids, prefix)
     if num_return_sequences < 1:
         raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
-    if generator is None and config.seed is not None:
-        generator = torch.Generator(device=ids.device).manual_seed(config.seed)
+    if generator is None:
+        generator = seeded_generator(config, ids.device)
     strategy = config.strategy
     if not use_cache and strategy not in ("sample", "greedy"):
         raise ValueError(f"use_cache=False is the reference loop of sample/greedy, not of strategy={strategy}")
@@ -289,6 +289,11 @@ def generate(
     else:
         out = lookahead.decode(engine, ids, num_return=n, **run)
     return _repeat(out, reps)
+
+
+def seeded_generator(config: GenerationConfig, device) -> torch.Generator | None:
+    """A generator seeded with ``config.seed`` (None: use torch's global RNG)."""
+    return None if config.seed is None else torch.Generator(device=device).manual_seed(config.seed)
 
 
 def _deterministic(config: GenerationConfig) -> bool:

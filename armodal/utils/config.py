@@ -16,7 +16,7 @@ CONF_DIR = ROOT_DIR / "conf"
 
 
 # config -> override groups whose keys may be added from the command line (data.batch_size=8 ...)
-OPEN_GROUPS = {"generate": ("sampler",), "eval": ("data", "evaluator")}
+OPEN_GROUPS = {"generate": ("sampler", "generation", "inputs"), "eval": ("data", "evaluator", "generation")}
 
 
 def register_resolvers() -> None:

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from symusic import Score
 
+from armodal.generation import GenerationConfig
+
 __all__ = ["piece_stats", "pitch_class_histogram", "compare_sets", "MusicEvaluator"]
 
 log = logging.getLogger(__name__)
@@ -89,15 +91,16 @@ class MusicEvaluator:
     """``armodal-eval`` hook: sample ``num_samples`` pieces and compare them with held-out pieces.
 
     ``split`` names the held-out split (JSB: "valid"/"test"; MIDI folders: "val"/"test").
-    Sampling settings default to the unconstrained model distribution
-    (temperature 1, no top-k/top-p) so the statistics describe the model.
+    ``generation``: the sampling settings; they default to the model distribution
+    (temperature 1, no top-k/top-p, seed 0; ``max_new_tokens`` unset fills the context) so
+    the statistics describe the model.  ``unconstrained_check`` samples once more with
+    ``constrained=False`` to measure how often the model alone breaks the grammar.
     """
 
-    def __init__(self, num_samples: int = 16, split: str | None = None, max_new_tokens: int | None = None,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+    def __init__(self, num_samples: int = 16, split: str | None = None, generation=None,
                  unconstrained_check: bool = True) -> None:
-        self.num_samples, self.split, self.max_new_tokens = num_samples, split, max_new_tokens
-        self.temperature, self.top_k, self.top_p, self.seed = temperature, top_k, top_p, seed
+        self.num_samples, self.split = num_samples, split
+        self.generation = GenerationConfig.from_dict(generation or {"seed": 0}, source="MusicEvaluator generation")
         self.unconstrained_check = unconstrained_check
 
     def _reference(self, datamodule) -> tuple[list[Score], str]:
@@ -109,20 +112,20 @@ class MusicEvaluator:
         split = self.split or "val"
         return datamodule.scores(split), split
 
-    def _sample(self, model, constrained: bool, max_new: int) -> tuple[list[torch.Tensor], int]:
-        out = model.generate(num_samples=self.num_samples, max_new_tokens=max_new, constrained=constrained,
-                             temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
+    def _sample(self, model, config: GenerationConfig) -> tuple[list[torch.Tensor], int]:
+        out = model.generate(config=config, num_samples=self.num_samples)
         seqs = [out.ids[i, : out.lengths[i]].cpu() for i in range(out.ids.shape[0])]
         return seqs, int(sum(len(s) - 1 for s in seqs))
 
-    def __call__(self, model, datamodule, out_dir: str | Path, num_samples: int | None = None, **_: Any) -> dict:
+    def __call__(self, model, datamodule, out_dir: str | Path, num_samples: int | None = None,
+                 config: GenerationConfig | None = None, **_: Any) -> dict:
         if num_samples:
             self.num_samples = int(num_samples)
+        config = config or self.generation
         tok = model.tokenizer
         datamodule.setup("test")
         reference, split = self._reference(datamodule)
-        max_new = self.max_new_tokens or (model.net.config.max_seq_len - 1)
-        seqs, n_tok = self._sample(model, True, max_new)
+        seqs, n_tok = self._sample(model, config)
         errors = sum(tok.grammar_errors(s) for s in seqs)
         scores = [tok.to_score(s) for s in seqs]
         metrics = {f"music/{k}": v for k, v in compare_sets(scores, reference).items()}
@@ -131,7 +134,7 @@ class MusicEvaluator:
             "music/grammar_error_rate": errors / max(1, n_tok), "music/sample_tokens": n_tok,
         })
         if self.unconstrained_check:
-            useqs, un_tok = self._sample(model, False, max_new)
+            useqs, un_tok = self._sample(model, config.replace(constrained=False))
             metrics["music/grammar_error_rate_unconstrained"] = sum(tok.grammar_errors(s) for s in useqs) / max(1, un_tok)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import scanpy as sc
 
+from armodal.generation import GenerationConfig
 from armodal.modalities.spatial.data import SpatialDataModule
 from armodal.modalities.spatial.io import SpatialDataError
 from armodal.modalities.spatial.predict import (
@@ -47,19 +48,19 @@ class SpatialEvaluator:
     training spots), and HisToGene's published number for that fold.
     """
 
-    def __init__(self, temperature: float = 1.0, noise: bool = True, write_outputs: bool = True,
-                 n_plot_genes: int = 4, seed: int = 0) -> None:
-        self.temperature, self.noise, self.write_outputs = temperature, noise, write_outputs
-        self.n_plot_genes, self.seed = n_plot_genes, seed
+    def __init__(self, generation=None, noise: bool = True, write_outputs: bool = True, n_plot_genes: int = 4) -> None:
+        self.generation = GenerationConfig.from_dict(generation or {"seed": 0}, source="SpatialEvaluator generation")
+        self.noise, self.write_outputs, self.n_plot_genes = noise, write_outputs, n_plot_genes
 
-    def __call__(self, model, datamodule: SpatialDataModule, out_dir: str | Path, num_samples: int = 64, **kw) -> dict:
+    def __call__(self, model, datamodule: SpatialDataModule, out_dir: str | Path, num_samples: int = 64,
+                 config: GenerationConfig | None = None, **kw) -> dict:
         dm = datamodule
         dm.setup("test")
         s = dm.test_section
         if s is None:
             raise SpatialDataError("spatial evaluation needs data.test_section=<held-out section>")
         t0 = time.time()
-        samples, mean = predict_section(model, dm, s, num_samples, temperature=self.temperature, noise=self.noise, seed=self.seed)
+        samples, mean = predict_section(model, dm, s, num_samples, config or self.generation, self.noise)
         y = dm.expr[s]
         hvg = _train_hvg_index(dm)
         out: dict = {"test_section": s, "num_samples": int(num_samples), "n_genes": len(dm.genes),

@@ -11,7 +11,7 @@ import anndata as ad
 import numpy as np
 import torch
 
-from armodal.generation import SamplingParams, generate
+from armodal.generation import GenerationConfig, seeded_generator, unsupported
 
 __all__ = [
     "sample_section",
@@ -32,52 +32,47 @@ HISTOGENE_PCC = {"C2": 0.086, "C3": 0.072, "C4": 0.052, "C5": 0.045}
 
 @torch.no_grad()
 def sample_section(
-    net,
-    conditioner,
-    tokenizer,
+    model,
     cond: dict,  # feats [n, N, F], pos [n, N, 2]
     num_samples: int = 64,
+    config: GenerationConfig | None = None,
     *,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
     noise: bool = True,
-    seed: int = 0,
     spots_per_batch: int = 32,
     return_clean: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """K samples of every spot's expression -> [n, K, G] (log1p).
+    """K samples of every spot's expression -> [n, K, G] (log1p), decoded with the settings ``config``.
 
-    The decoder sees only the H&E prefix of the spot's neighbourhood and generates the
-    centre spot's tokens (the first ``tokens_per_spot`` of the expression segment).
-    With ``noise`` each sample also carries a quantiser residual (for intervals);
-    ``return_clean`` additionally returns the same K samples decoded without it
-    [n, K, G], whose mean is the Rao-Blackwellised point prediction (the residual has
-    ~zero mean, so averaging it in only adds Monte-Carlo noise to the mean).
+    The decoder (``model``, an :class:`~armodal.ar_model.ARModel`) sees only the H&E prefix
+    of the spot's neighbourhood and generates the centre spot's tokens (the first
+    ``tokens_per_spot`` of the expression segment).  With ``noise`` each sample also
+    carries a quantiser residual (for intervals); ``return_clean`` additionally returns
+    the same K samples decoded without it [n, K, G], whose mean is the Rao-Blackwellised
+    point prediction (the residual has ~zero mean, so averaging it in only adds
+    Monte-Carlo noise to the mean).  ``config.seed`` seeds both the tokens and the residuals.
     """
-    net.eval()
-    conditioner.eval()
-    dev = next(net.parameters()).device
+    tok = model.tokenizer
+    tps = tok.tokens_per_spot
+    config = config or GenerationConfig()
+    unsupported(config, model.modality, {
+        "max_new_tokens": (lambda v: v in (None, tps), f"a spot is exactly its {tps} expression tokens"),
+    })
+    config = config.replace(max_new_tokens=tps)
+    model.eval()
     n = cond["feats"].shape[0]
-    tps = tokenizer.tokens_per_spot
-    g = torch.Generator(device=dev).manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-    out = np.empty((n, num_samples, tokenizer.n_genes), np.float32)
+    generator = seeded_generator(config, model.device)
+    rng = np.random.default_rng(config.seed)
+    out = np.empty((n, num_samples, tok.n_genes), np.float32)
     clean = np.empty_like(out) if return_clean else None
     for a in range(0, n, spots_per_batch):
         b = min(n, a + spots_per_batch)
-        prefix = conditioner({k: v[a:b].to(dev) for k, v in cond.items()})  # [b-a, N, D]
-        res = generate(
-            net, None, max_new_tokens=tps, prefix=prefix, sampling=params, pad_id=tokenizer.pad_id,
-            types_fn=tokenizer.types if tokenizer.num_types else None, allowed_fn=tokenizer.allowed_next,
-            generator=g, num_return_sequences=num_samples,
-        )
+        res = model.generate(cond={k: v[a:b].to(model.device) for k, v in cond.items()}, config=config,
+                             num_samples=num_samples, generator=generator)
         ids = res.ids[:, -tps:]  # [(b-a)*K, tps], samples of one spot are adjacent
-        x = tokenizer.decode_batch(ids, noise=noise, generator=rng)  # [(b-a)*K, 1, G]
+        x = tok.decode_batch(ids, noise=noise, generator=rng)  # [(b-a)*K, 1, G]
         out[a:b] = x.reshape(b - a, num_samples, -1)
         if clean is not None:
-            clean[a:b] = tokenizer.decode_batch(ids, noise=False).reshape(b - a, num_samples, -1)
+            clean[a:b] = tok.decode_batch(ids, noise=False).reshape(b - a, num_samples, -1)
     return (out, clean) if return_clean else out
 
 

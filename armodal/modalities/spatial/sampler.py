@@ -10,6 +10,7 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from armodal.generation import GenerationConfig
 from armodal.modalities.base import Sampler
 from armodal.modalities.spatial.data import SpatialDataModule
 from armodal.modalities.spatial.io import SpatialDataError
@@ -45,14 +46,14 @@ def _datamodule(data: Any, section: str | None) -> tuple[SpatialDataModule, str]
     return dm, section
 
 
-def predict_section(model, dm: SpatialDataModule, section: str, num_samples: int, **sampling) -> tuple[np.ndarray, np.ndarray]:
+def predict_section(model, dm: SpatialDataModule, section: str, num_samples: int,
+                    config: GenerationConfig | None = None, noise: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(samples [n_spots, K, G] with the quantiser residual, point prediction [n_spots, G] = mean of the
     K code samples decoded without it); checks the model's gene panel against the data."""
     tok = model.tokenizer
     if list(tok.genes) != list(dm.genes):
         raise SpatialDataError(f"the model's {len(tok.genes)}-gene panel differs from the data's {len(dm.genes)}-gene panel")
-    noisy, clean = sample_section(model.net, model.conditioner, tok, dm.section_cond(section), num_samples,
-                                  return_clean=True, **sampling)
+    noisy, clean = sample_section(model, dm.section_cond(section), num_samples, config, noise=noise, return_clean=True)
     return noisy, clean.mean(1)
 
 
@@ -61,23 +62,25 @@ class SpatialSampler(Sampler):
 
     Writes ``<section>_pred.h5ad`` (X = mean of K, layers std/q05/q95/measured) and
     ``<section>_maps.png`` (scanpy spatial maps: measured, predicted, uncertainty).
+    ``num_samples`` is K (at least 2).  Input: ``section`` (default: the held-out one).
     """
 
-    def __init__(self, data: Any, section: str | None = None, genes: list[str] | None = None,
-                 temperature: float = 1.0, noise: bool = True, n_plot_genes: int = 4) -> None:
-        self.data, self.section, self.genes = data, section, genes
-        self.temperature, self.noise, self.n_plot_genes = temperature, noise, n_plot_genes
+    inputs = ("section",)
 
-    def __call__(self, model, num_samples: int, out_dir: str | Path, **overrides: Any) -> dict:
+    def __init__(self, data: Any, section: str | None = None, genes: list[str] | None = None, generation=None,
+                 noise: bool = True, n_plot_genes: int = 4) -> None:
+        super().__init__(generation)
+        self.data, self.section, self.genes = data, section, genes
+        self.noise, self.n_plot_genes = noise, n_plot_genes
+
+    def __call__(self, model, num_samples: int, out_dir: str | Path, config: GenerationConfig | None = None,
+                 **inputs: Any) -> dict:
+        config = self.settings(config, inputs)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        section = overrides.pop("section", None) or self.section
-        dm, section = _datamodule(self.data, section)
-        kw = {"temperature": float(overrides.get("temperature", self.temperature)),
-              "top_k": int(overrides.get("top_k", 0) or 0), "top_p": float(overrides.get("top_p", 1.0) or 1.0),
-              "seed": int(overrides.get("seed", 0) or 0), "noise": self.noise}
+        dm, section = _datamodule(self.data, inputs.get("section") or self.section)
         t0 = time.time()
-        samples, mean = predict_section(model, dm, section, max(int(num_samples), 2), **kw)
+        samples, mean = predict_section(model, dm, section, max(int(num_samples), 2), config, self.noise)
         measured = dm.expr[section]
         pred = prediction_adata(dm.adatas[section], dm.genes, samples, measured, mean=mean)
         h5 = out_dir / f"{section}_pred.h5ad"
