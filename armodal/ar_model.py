@@ -128,6 +128,10 @@ class ARModel:
                                          "unconditional prefix (it was not trained with condition dropout)")
             if cond is None:
                 raise UnsupportedSetting("cfg_scale", config.cfg_scale, m, "guidance needs a condition (cond=)")
+        for name in ("length_penalty", "early_stopping"):
+            if getattr(config, name) is not None and self.tokenizer.eos_id is None:
+                raise UnsupportedSetting(name, getattr(config, name), m, "its sequences have no end token, so every "
+                                         "beam hypothesis has the same length and ends at the same step")
         if not config.constrained and type(self.tokenizer).allowed_next is Tokenizer.allowed_next:
             raise UnsupportedSetting("constrained", False, m, f"{type(self.tokenizer).__name__} has no grammar to switch off")
         if config.strategy == "speculative" and config.draft_ckpt is None and self.draft is None:
