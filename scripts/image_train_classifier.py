@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from pathlib import Path
 
 import torch
 
 from armodal.modalities.image.data import ImageDataModule, ImageSet
 from armodal.modalities.image.evaluate import get_classifier
+from armodal.utils.config import load_paths
 
 
 def main() -> None:
-    root = Path(__file__).resolve().parents[1]
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default="/usr/share/datasets/fashion-mnist")
-    ap.add_argument("--cache-dir", default=os.environ.get("ARMODAL_CACHE", str(root / "data_cache")))
+    ap.add_argument("--cache-dir", default=str(load_paths()["cache_dir"]))  # conf/paths (ARMODAL_CACHE applies)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

@@ -38,7 +38,9 @@ def run(cmd: list[str]) -> str:
 
 
 def latest_run(name: str) -> Path | None:
-    runs = sorted((ROOT / "runs" / name).glob("*/metrics.json"), key=lambda p: p.stat().st_mtime)
+    from armodal.utils.config import load_paths  # where armodal-train puts runs (conf/paths, ARMODAL_RUNS)
+
+    runs = sorted((load_paths()["runs_dir"] / name).glob("*/metrics.json"), key=lambda p: p.stat().st_mtime)
     return runs[-1].parent if runs else None
 
 

@@ -14,22 +14,23 @@ import argparse
 import logging
 import os
 import time
-from pathlib import Path
 
 import torch
 
 from armodal.modalities.spatial.features import FeatureConfig, FeatureExtractor
 from armodal.modalities.spatial.io import read_section
 from armodal.modalities.spatial.patches import extract_patches
+from armodal.utils.config import load_paths
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", default=os.environ.get("ARMODAL_SHARED_DATA", str(Path(__file__).resolve().parents[1].parent / "shared" / "data")) + "/her2st")
+    paths = load_paths()  # conf/paths (ARMODAL_SHARED_DATA / ARMODAL_CACHE apply)
+    ap.add_argument("--root", default=str(paths["data_dir"] / "her2st"))
     ap.add_argument("--layout", default="her2st")
     ap.add_argument("--sections", nargs="+", default=["C2", "C3", "C4", "C5"])
     ap.add_argument("--weights", nargs="+", default=["ssl"])
-    ap.add_argument("--cache-dir", default=os.environ.get("ARMODAL_CACHE", str(Path(__file__).resolve().parents[1] / "data_cache")))
+    ap.add_argument("--cache-dir", default=str(paths["cache_dir"]))
     ap.add_argument("--ssl-epochs", type=int, default=FeatureConfig.ssl_epochs)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

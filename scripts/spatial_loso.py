@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from armodal.utils.config import load_paths
+
 ROOT = Path(__file__).resolve().parents[1]
 HISTOGENE = {"C2": 0.086, "C3": 0.072, "C4": 0.052, "C5": 0.045}
 
@@ -64,7 +66,7 @@ def main() -> None:
     ap.add_argument("--collect", action="store_true", help="only gather the folds already evaluated under --tag")
     ap.add_argument("overrides", nargs="*", help="extra armodal-train overrides (after --)")
     args = ap.parse_args()
-    out = ROOT / "runs" / "spatial_loso" / args.tag
+    out = load_paths()["runs_dir"] / "spatial_loso" / args.tag  # conf/paths (ARMODAL_RUNS applies)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log.txt"
     rows = []

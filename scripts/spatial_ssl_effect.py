@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -19,16 +18,17 @@ import numpy as np
 from armodal.modalities.spatial import (
     FeatureConfig, FeatureExtractor, apply_panel, load_panel, normalize_log1p, pearson_per_gene, read_her2st, ridge_baseline,
 )
+from armodal.utils.config import load_paths
 
-ROOT = Path(__file__).resolve().parents[1]
+PATHS = load_paths()  # conf/paths (ARMODAL_SHARED_DATA / ARMODAL_CACHE / ARMODAL_RUNS apply)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", default=os.environ.get("ARMODAL_SHARED_DATA", str(ROOT.parent / "shared" / "data")) + "/her2st")
+    ap.add_argument("--root", default=str(PATHS["data_dir"] / "her2st"))
     ap.add_argument("--sections", nargs="+", default=["C2", "C3", "C4", "C5"])
     ap.add_argument("--folds", nargs="+", default=["C2", "C3", "C4", "C5"])
-    ap.add_argument("--cache-dir", default=os.environ.get("ARMODAL_CACHE", str(ROOT / "data_cache")))
+    ap.add_argument("--cache-dir", default=str(PATHS["cache_dir"]))
     args = ap.parse_args()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -55,7 +55,8 @@ def main() -> None:
     print("| held-out | ridge PCC, random-init resnet18 | ridge PCC, SimCLR resnet18 |\n|---|---|---|")
     for held, d in res.items():
         print(f"| {held} | {d['random']['ridge_pcc_mean']:.3f} | {d['ssl']['ridge_pcc_mean']:.3f} |")
-    (ROOT / "runs" / "spatial_ssl_effect.json").write_text(json.dumps(res, indent=2))
+    PATHS["runs_dir"].mkdir(parents=True, exist_ok=True)
+    (PATHS["runs_dir"] / "spatial_ssl_effect.json").write_text(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 import warnings
 from pathlib import Path
@@ -31,8 +30,9 @@ from armodal.modalities.spatial import (
     pearson_per_gene,
     read_her2st,
 )
+from armodal.utils.config import load_paths
 
-ROOT = Path(__file__).resolve().parents[1]
+PATHS = load_paths()  # conf/paths (ARMODAL_SHARED_DATA / ARMODAL_RUNS apply)
 
 
 def step_time(vocab: int, num_types: int, seq: int, prefix: int, reps: int = 3) -> float:
@@ -49,9 +49,9 @@ def step_time(vocab: int, num_types: int, seq: int, prefix: int, reps: int = 3) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", default=os.environ.get("ARMODAL_SHARED_DATA", str(ROOT.parent / "shared" / "data")) + "/her2st")
+    ap.add_argument("--root", default=str(PATHS["data_dir"] / "her2st"))
     ap.add_argument("--sections", nargs="+", default=["C2", "C3", "C4", "C5"])
-    ap.add_argument("--out", default=str(ROOT / "runs" / "spatial_tokenizers.json"))
+    ap.add_argument("--out", default=str(PATHS["runs_dir"] / "spatial_tokenizers.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     with warnings.catch_warnings():

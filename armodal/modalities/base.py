@@ -19,12 +19,16 @@ blocks for four parts; the shared transformer never sees the modality's name.
 * ``sampler``: a :class:`Sampler` that turns a loaded model into files a person
   can look at or listen to.
 * ``evaluator`` (optional): a callable ``(model, datamodule, out_dir, **kw) -> dict``
-  of domain metrics for ``armodal-eval``.
+  of domain metrics for ``armodal-eval`` (numbers, possibly nested; paths of files it wrote
+  may sit beside them).
+
+Every part registers under a short name (``@register_tokenizer("music.jsb")`` ...), see
+:mod:`armodal.utils.registry`; the contract tests (``tests/test_contract.py``) run over the
+registry, so a new modality inherits them.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -34,18 +38,54 @@ import torch
 from torch import nn
 
 from armodal.generation.config import GenerationConfig
+from armodal.utils import registry
+from armodal.utils.registry import (
+    register_conditioner,
+    register_datamodule,
+    register_evaluator,
+    register_sampler,
+    register_tokenizer,
+)
 
-__all__ = ["Tokenizer", "Conditioner", "Sampler", "load_tokenizer", "TOKENIZER_FILE", "MOVED_TOKENIZERS"]
+__all__ = [
+    "Tokenizer",
+    "Conditioner",
+    "Sampler",
+    "load_tokenizer",
+    "TokenizerFileError",
+    "TOKENIZER_FILE",
+    "TOKENIZER_FORMAT",
+    "LEGACY_TOKENIZER_TARGETS",
+    "OUTPUT_KINDS",
+    "register_tokenizer",
+    "register_datamodule",
+    "register_conditioner",
+    "register_sampler",
+    "register_evaluator",
+]
 
 TOKENIZER_FILE = "tokenizer.json"
+# 1: {"_target_": "<module path of the class>", "state": ...} (before short names; read via the table below)
+# 2: {"tokenizer": "<registered short name>", "format": 2, "state": ...}
+TOKENIZER_FORMAT = 2
 
-# Tokenizer classes that moved: the module paths older tokenizer.json files name -> where they live now.
-MOVED_TOKENIZERS = {
-    "armodal.modalities.music.jsb.JSBTokenizer": "armodal.modalities.music.tokenizer.JSBTokenizer",
-    "armodal.modalities.spatial._tokenizer.ExpressionTokenizer": "armodal.modalities.spatial.tokenizer.ExpressionTokenizer",
-    "armodal.modalities.spatial._tokenizer.RVQExpressionTokenizer": "armodal.modalities.spatial.tokenizer.RVQExpressionTokenizer",
-    "armodal.modalities.spatial._tokenizer.BinnedExpressionTokenizer": "armodal.modalities.spatial.tokenizer.BinnedExpressionTokenizer",
+# Format-1 files name a module path; the short name each one means now.  Classes that have never moved
+# are found by their path among the registered tokenizers, so only renamed paths need a line here.
+LEGACY_TOKENIZER_TARGETS = {
+    "armodal.modalities.music.jsb.JSBTokenizer": "music.jsb",
+    "armodal.modalities.music.tokenizer.MidiTokenizer": "music.midilike",  # the kind is in the state
+    "armodal.modalities.spatial._tokenizer.RVQExpressionTokenizer": "spatial.rvq",
+    "armodal.modalities.spatial._tokenizer.BinnedExpressionTokenizer": "spatial.binned",
 }
+
+# What a sampler's summary may declare, each a list of paths of files it wrote: "images" (PNG),
+# "audio" (WAV), "text" (UTF-8 text) are logged by the sample callback to TensorBoard; every kind,
+# "files" (MIDI, h5ad, JSON ...) included, is listed in the run's samples/samples.csv.
+OUTPUT_KINDS = ("images", "audio", "text", "files")
+
+
+class TokenizerFileError(ValueError):
+    """A saved tokenizer file that cannot be read back (names the file and the problem)."""
 
 
 class Tokenizer(ABC):
@@ -97,13 +137,22 @@ class Tokenizer(ABC):
     def save_extra(self, directory: Path) -> None:
         """Write extra files (weights, vocabularies) next to tokenizer.json."""
 
+    @property
+    def registry_name(self) -> str:
+        """The short name written to tokenizer.json (by default the one the class registered first)."""
+        name = registry.name_of("tokenizer", type(self))
+        if name is None:
+            raise TypeError(f"{type(self).__qualname__} is not registered; decorate it with "
+                            "@register_tokenizer('<modality>.<variant>') so that saved files can name it")
+        return name
+
     # -- shared logic --------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        cls = type(self)
         payload = {
-            "_target_": f"{cls.__module__}.{cls.__qualname__}",
+            "tokenizer": self.registry_name,
+            "format": TOKENIZER_FORMAT,
             "modality": self.modality,
             "vocab_size": self.vocab_size,
             "num_types": self.num_types,
@@ -123,26 +172,54 @@ class Tokenizer(ABC):
         return f"{type(self).__name__}(modality={self.modality!r}, vocab_size={self.vocab_size}, num_types={self.num_types})"
 
 
-def load_tokenizer(directory: str | Path) -> Tokenizer:
-    """Rebuild a saved tokenizer; only classes inside ``armodal`` are accepted."""
-    from armodal.utils.safety import check_target
+def _tokenizer_class(payload: dict, path: Path) -> type:
+    """The class a tokenizer file names: a short name (format 2) or a module path (format 1)."""
+    fmt = payload.get("format", 1 if "_target_" in payload else None)
+    if fmt == 1:
+        target = payload.get("_target_")
+        name = LEGACY_TOKENIZER_TARGETS.get(target)
+        if name is None and isinstance(target, str) and target.startswith("armodal.modalities."):
+            registry.import_builtin_modalities()
+            name = next((n for n in registry.names("tokenizer", builtins=False)
+                         if _path_of(registry.get("tokenizer", n)) == target), None)
+        if name is None:
+            raise TokenizerFileError(f"{path}: names tokenizer class {target!r}, which is not a registered armodal "
+                                     f"tokenizer (registered: {', '.join(registry.names('tokenizer'))})")
+    elif fmt == TOKENIZER_FORMAT:
+        name = payload.get("tokenizer")
+        if not isinstance(name, str):
+            raise TokenizerFileError(f"{path}: no 'tokenizer' name in a format-{fmt} tokenizer file")
+    elif isinstance(fmt, int) and fmt > TOKENIZER_FORMAT:
+        raise TokenizerFileError(f"{path}: tokenizer file format {fmt} was written by a newer armodal "
+                                 f"(this one reads formats 1..{TOKENIZER_FORMAT}); upgrade armodal")
+    else:
+        raise TokenizerFileError(f"{path}: not an armodal tokenizer file (no short name, no known format)")
+    try:
+        cls = registry.get("tokenizer", name)
+    except registry.RegistryError as e:
+        raise TokenizerFileError(f"{path}: {e}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Tokenizer)):
+        raise TokenizerFileError(f"{path}: {name!r} is not an armodal Tokenizer")
+    return cls
 
+
+def _path_of(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """Rebuild a saved tokenizer from the registered class its file names (current or older format)."""
     directory = Path(directory)
     path = directory / TOKENIZER_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no saved tokenizer here")
     try:
         payload = json.loads(path.read_text())
-        target = payload["_target_"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a valid armodal tokenizer file ({e})") from None
-    check_target(target, source=str(path))
-    target = MOVED_TOKENIZERS.get(target, target)
-    module, _, name = target.rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    if not (isinstance(cls, type) and issubclass(cls, Tokenizer)):
-        raise ValueError(f"{path}: {target} is not an armodal Tokenizer")
-    return cls.from_state(payload["state"], directory)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerFileError(f"{path}: not a valid armodal tokenizer file ({e})") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("state"), dict):
+        raise TokenizerFileError(f"{path}: not a valid armodal tokenizer file (no 'state' object)")
+    return _tokenizer_class(payload, path).from_state(payload["state"], directory)
 
 
 class Conditioner(nn.Module):
@@ -174,7 +251,8 @@ class Sampler(ABC):
       ``model.generate`` untouched; ``inputs`` are the modality's own inputs (a prompt
       file, classes, a section ...), named in the class attribute ``inputs``; any other
       keyword is an error naming the sampler and what it takes;
-    * it returns a JSON-serialisable summary (paths written, metrics).
+    * it returns a JSON-serialisable summary (paths written, metrics), listing the files it
+      wrote under the keys of ``OUTPUT_KINDS``.
 
     ``armodal-generate`` builds ``config`` as ``self.generation`` with the command line's
     settings applied, and passes its other keys as ``inputs``.

@@ -1,4 +1,4 @@
-"""Training callbacks: checkpoints, samples at validation, metrics.json, progress."""
+"""Training callbacks: checkpoints, samples at validation (logged by kind), metrics.json, progress."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
 from armodal.ar_model import ARModel
+from armodal.modalities.base import OUTPUT_KINDS
 
 __all__ = [
     "last_checkpoint",
@@ -22,6 +23,9 @@ __all__ = [
     "lr_monitor",
     "SampleCallback",
     "MetricsJSON",
+    "declared_outputs",
+    "log_to_tensorboard",
+    "write_samples_csv",
 ]
 
 
@@ -67,10 +71,14 @@ def _scalars(metrics: dict) -> dict:
 
 
 class SampleCallback(pl.Callback):
-    """At validation, ask the modality's sampler to render a few samples to files (and TensorBoard)."""
+    """At validation, ask the modality's sampler to render a few samples to files, then log every file it
+    declares (:data:`~armodal.modalities.base.OUTPUT_KINDS`): images, audio and text to TensorBoard, and
+    every kind to ``samples/samples.csv`` in the run folder (step, kind, path).  No modality-specific code."""
 
-    def __init__(self, num_samples: int = 4, every_n_val: int = 1, enabled: bool = True, **sampler_overrides) -> None:
+    def __init__(self, num_samples: int = 4, every_n_val: int = 1, enabled: bool = True, max_logged: int = 8,
+                 **sampler_overrides) -> None:
         self.num_samples, self.every_n_val, self.enabled = num_samples, every_n_val, enabled
+        self.max_logged = max_logged
         self.overrides = sampler_overrides
         self._n = 0
 
@@ -81,7 +89,8 @@ class SampleCallback(pl.Callback):
         self._n += 1
         if (self._n - 1) % self.every_n_val:
             return
-        out_dir = Path(pl_module.run_dir) / "samples" / f"step_{trainer.global_step:07d}"
+        samples_dir = Path(pl_module.run_dir) / "samples"
+        out_dir = samples_dir / f"step_{trainer.global_step:07d}"
         model = ARModel.from_module(pl_module)
         was_training = pl_module.training
         pl_module.eval()
@@ -93,20 +102,75 @@ class SampleCallback(pl.Callback):
         finally:
             pl_module.train(was_training)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        self._log_images(trainer, summary)
+        outputs = declared_outputs(summary)
+        write_samples_csv(samples_dir / "samples.csv", trainer.global_step, outputs)
+        for logger in trainer.loggers:
+            exp = getattr(logger, "experiment", None)
+            if exp is not None and hasattr(exp, "add_image"):  # a TensorBoard SummaryWriter
+                log_to_tensorboard(exp, outputs, trainer.global_step, self.max_logged)
 
-    @staticmethod
-    def _log_images(trainer: pl.Trainer, summary: dict) -> None:
-        images = summary.get("images") or []
-        exp = getattr(trainer.logger, "experiment", None)
-        if not images or not hasattr(exp, "add_image"):
-            return
-        import numpy as np
-        from PIL import Image
 
-        for i, path in enumerate(images[:8]):
-            arr = np.asarray(Image.open(path).convert("RGB"))
-            exp.add_image(f"samples/{i}", arr, trainer.global_step, dataformats="HWC")
+def declared_outputs(summary: dict) -> list[tuple[str, str]]:
+    """(kind, path) of every file a sampler's summary declares under an output kind."""
+    out = []
+    for kind in OUTPUT_KINDS:
+        paths = summary.get(kind) or []
+        out += [(kind, str(p)) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    return out
+
+
+def write_samples_csv(path: Path, step: int, outputs: list[tuple[str, str]]) -> None:
+    """Append ``step,kind,path`` rows (header on creation)."""
+    import csv
+
+    new = not path.is_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["step", "kind", "path"])
+        w.writerows([step, kind, p] for kind, p in outputs)
+
+
+def _read_wav(path: str) -> tuple[torch.Tensor, int]:
+    """A PCM WAV -> (mono float samples [1, L] in [-1, 1], sample rate)."""
+    import wave
+
+    import numpy as np
+
+    with wave.open(path, "rb") as w:
+        width, channels, rate = w.getsampwidth(), w.getnchannels(), w.getframerate()
+        raw = w.readframes(w.getnframes())
+    dtype = {1: np.uint8, 2: np.int16, 4: np.int32}[width]
+    x = np.frombuffer(raw, dtype=dtype).astype(np.float32)
+    x = (x - 128.0) / 128.0 if width == 1 else x / float(2 ** (8 * width - 1))
+    return torch.from_numpy(x.reshape(-1, channels).mean(1))[None], rate
+
+
+def log_to_tensorboard(writer, outputs: list[tuple[str, str]], step: int, max_per_kind: int = 8) -> None:
+    """Images, audio and text files to a TensorBoard ``SummaryWriter`` (``samples/<kind>/<i>``);
+    a file that cannot be read is skipped with a warning naming it."""
+    import numpy as np
+    from PIL import Image
+
+    counts: dict[str, int] = {}
+    for kind, path in outputs:
+        i = counts.get(kind, 0)
+        if kind not in ("images", "audio", "text") or i >= max_per_kind:
+            continue
+        try:
+            if kind == "images":
+                writer.add_image(f"samples/images/{i}", np.asarray(Image.open(path).convert("RGB")), step,
+                                 dataformats="HWC")
+            elif kind == "audio":
+                wav, rate = _read_wav(path)
+                writer.add_audio(f"samples/audio/{i}", wav, step, sample_rate=rate)
+            else:
+                writer.add_text(f"samples/text/{i}", Path(path).read_text(errors="replace")[:10000], step)
+        except Exception as e:  # noqa: BLE001 - a bad sample file must not stop training
+            rank_zero_warn(f"[armodal] could not log {kind} sample {path}: {type(e).__name__}: {e}")
+            continue
+        counts[kind] = i + 1
 
 
 class MetricsJSON(pl.Callback):

@@ -14,6 +14,10 @@ class UnsafeTargetError(ValueError):
 
 
 def check_target(target: Any, source: str = "config") -> None:
+    from armodal.utils.registry import is_registered_target
+
+    if is_registered_target(target):  # a registered modality part (a plugin already imported by the user)
+        return
     if not isinstance(target, str) or not target.startswith(ALLOWED_PREFIX):
         raise UnsafeTargetError(
             f"{source}: refusing to instantiate _target_={target!r}; only armodal.* targets may be "

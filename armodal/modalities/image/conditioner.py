@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from armodal.modalities.base import Conditioner
+from armodal.modalities.base import Conditioner, register_conditioner
 
 __all__ = ["ClassConditioner"]
 
 
+@register_conditioner("image.class")
 class ClassConditioner(Conditioner):
     """``cond`` long [B] class ids -> prefix [B, 1, d_model]; class ``num_classes`` is null."""
 

@@ -21,6 +21,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from armodal.modalities.base import register_datamodule
+
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "ImageSet",
@@ -229,6 +231,7 @@ class _CodesDataset(Dataset):
 
 
 # ----------------------------------------------------------------------------- datamodules
+@register_datamodule("image.pixels")
 class ImageDataModule(pl.LightningDataModule):
     """Pixel batches ``{"image": [B, C, H, W] in [-1, 1], "label": [B]}`` (the VQ stage).
 
@@ -323,6 +326,7 @@ class ImageDataModule(pl.LightningDataModule):
         return self._loader("test", False)
 
 
+@register_datamodule("image.codes")
 class ImageCodesDataModule(ImageDataModule):
     """Pre-tokenized code grids for the AR stage (the VQ encoder never runs in training).
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from armodal.generation import GenerationConfig
+from armodal.modalities.base import register_evaluator
 from armodal.modalities.image.data import ImageDataModule, ImageSet
 from armodal.modalities.image.tokenizer import to_uint8
 
@@ -156,6 +157,7 @@ def _psnr_u8(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((10 * torch.log10(1.0 / mse)).mean())
 
 
+@register_evaluator("image")
 class ImageEvaluator:
     """``armodal-eval`` hook: VQ metrics for a VQ checkpoint; everything for an AR checkpoint."""
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from armodal.generation import GenerationConfig, seeded_generator, unsupported
-from armodal.modalities.base import Sampler
+from armodal.modalities.base import Sampler, register_sampler
 from armodal.modalities.image.tokenizer import to_uint8
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -76,6 +76,7 @@ def _save_png(image: torch.Tensor, path: Path) -> None:
     Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(path)
 
 
+@register_sampler("image")
 class ImageSampler(Sampler):
     """Writes ``grid.png`` (one row per class, ``num_samples`` columns) and one PNG per sample.
 

@@ -14,12 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from armodal.modalities.base import Tokenizer
+from armodal.modalities.base import Tokenizer, register_tokenizer
 from armodal.modalities.image.vq import VQConfig, VQModel
 
 __all__ = ["VQImageTokenizer"]
 
 
+@register_tokenizer("image.vq")
 class VQImageTokenizer(Tokenizer):
     """Wraps a :class:`VQModel`: ``encode(image) -> ids [h*w]``, ``decode(ids) -> image``."""
 

@@ -29,6 +29,7 @@ import torch
 from symusic import Note, Score, Track
 from torch.utils.data import DataLoader, Dataset
 
+from armodal.modalities.base import register_datamodule
 from armodal.modalities.music.grid import NUM_VOICES, transpose_grid
 from armodal.modalities.music.midi_io import DEFAULT_MAX_BYTES, MIDI_SUFFIXES, BadMidiError, read_midi
 from armodal.modalities.music.tokenizer import JSBTokenizer, MidiTokenizer
@@ -136,6 +137,7 @@ class _EvalWindows(Dataset):
         return self.items[k]
 
 
+@register_datamodule("music.midi")
 class MidiDataModule(pl.LightningDataModule):
     """Tokenized MIDI folder.  Batches: ``ids`` [B, T] and ``loss_mask`` [B, T] (non-pad).
 
@@ -409,6 +411,7 @@ class _JSBEvalWindows(Dataset):
         return self.items[i]
 
 
+@register_datamodule("music.jsb")
 class JSBDataModule(pl.LightningDataModule):
     """JSB chorales: train on ``train``, validate on ``valid``, test on ``test``.
 

@@ -25,6 +25,7 @@ import torch
 from symusic import Score
 
 from armodal.generation import GenerationConfig
+from armodal.modalities.base import register_evaluator
 
 __all__ = ["piece_stats", "pitch_class_histogram", "compare_sets", "MusicEvaluator"]
 
@@ -87,6 +88,7 @@ def compare_sets(samples: list[Score], reference: list[Score]) -> dict[str, floa
     return out
 
 
+@register_evaluator("music")
 class MusicEvaluator:
     """``armodal-eval`` hook: sample ``num_samples`` pieces and compare them with held-out pieces.
 

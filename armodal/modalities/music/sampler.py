@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from armodal.generation import GenerationConfig, seeded_generator
-from armodal.modalities.base import Sampler
+from armodal.modalities.base import Sampler, register_sampler
 from armodal.modalities.music.midi_io import read_midi
 from armodal.modalities.music.render import AUDIO_HINT, piano_roll_png, render_wav, write_midi
 
@@ -26,6 +26,7 @@ __all__ = ["MusicSampler"]
 log = logging.getLogger(__name__)
 
 
+@register_sampler("music")
 class MusicSampler(Sampler):
     """Sample ``num_samples`` pieces and write ``sample_XX.{mid,png,wav}`` into ``out_dir``.
 
@@ -87,7 +88,7 @@ class MusicSampler(Sampler):
                 if wav is not None:
                     audio.append(str(wav))
         summary = {
-            "num_samples": len(seqs), "midi": midis, "images": images, "audio": audio,
+            "num_samples": len(seqs), "midi": midis, "files": midis, "images": images, "audio": audio,
             "grammar_errors": errors, "notes_per_sample": notes,
             "prompt_tokens": 0 if prompt is None else int(prompt.shape[1]),
         }

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from symusic import Score, Track
 
-from armodal.modalities.base import Tokenizer
+from armodal.modalities.base import Tokenizer, register_tokenizer
 from armodal.modalities.music.grid import JSB_HIGH, JSB_LOW, NUM_VOICES, grid_to_score, score_to_grid
 from armodal.modalities.music.midi_io import read_midi
 
@@ -67,6 +67,7 @@ def merge_tracks(score: Score) -> Score:
     return out
 
 
+@register_tokenizer("music.midilike", "music.remi")
 class MidiTokenizer(Tokenizer):
     """miditok MIDI-Like or REMI behind armodal's :class:`Tokenizer` interface.
 
@@ -314,6 +315,10 @@ class MidiTokenizer(Tokenizer):
     def save_extra(self, directory: Path) -> None:
         self.tok.save(Path(directory) / MIDITOK_FILE)
 
+    @property
+    def registry_name(self) -> str:
+        return f"music.{self.kind}"  # music.midilike | music.remi
+
     @classmethod
     def from_state(cls, state: dict, directory: Path) -> "MidiTokenizer":
         path = Path(directory) / MIDITOK_FILE
@@ -323,6 +328,7 @@ class MidiTokenizer(Tokenizer):
 
 
 # ----------------------------------------------------------------------------- JSB grid tokenizer
+@register_tokenizer("music.jsb")
 class JSBTokenizer(Tokenizer):
     """Grid ``[T, 4]`` (MIDI pitch or NaN) <-> ids ``BOS s a t b s a t b ... EOS``.
 

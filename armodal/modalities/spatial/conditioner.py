@@ -7,11 +7,12 @@ import math
 import torch
 from torch import nn
 
-from armodal.modalities.base import Conditioner
+from armodal.modalities.base import Conditioner, register_conditioner
 
 __all__ = ["SpatialConditioner"]
 
 
+@register_conditioner("spatial")
 class SpatialConditioner(Conditioner):
     """One prefix position per spot of the neighbourhood.
 

@@ -27,6 +27,7 @@ import torch
 from scipy.spatial import cKDTree
 from torch.utils.data import DataLoader, Dataset
 
+from armodal.modalities.base import register_datamodule
 from armodal.modalities.spatial.features import FeatureConfig, FeatureExtractor
 from armodal.modalities.spatial.io import (
     SpatialDataError,
@@ -83,6 +84,7 @@ class _Collate:
         return self.dm.batch(spots, train=self.train)
 
 
+@register_datamodule("spatial")
 class SpatialDataModule(pl.LightningDataModule):
     """Spatial sections in the her2st / Visium / h5ad layouts, read once, split leave-one-section-out."""
 

@@ -10,6 +10,7 @@ import numpy as np
 import scanpy as sc
 
 from armodal.generation import GenerationConfig
+from armodal.modalities.base import register_evaluator
 from armodal.modalities.spatial.data import SpatialDataModule
 from armodal.modalities.spatial.io import SpatialDataError
 from armodal.modalities.spatial.predict import (
@@ -39,6 +40,7 @@ def _train_hvg_index(dm: SpatialDataModule, n: int = 50) -> np.ndarray:
     return np.sort(order)
 
 
+@register_evaluator("spatial")
 class SpatialEvaluator:
     """``armodal-eval``: held-out section metrics for the AR model and the ST-Net-style baseline.
 

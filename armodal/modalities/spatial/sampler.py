@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from armodal.generation import GenerationConfig
-from armodal.modalities.base import Sampler
+from armodal.modalities.base import Sampler, register_sampler
 from armodal.modalities.spatial.data import SpatialDataModule
 from armodal.modalities.spatial.io import SpatialDataError
 from armodal.modalities.spatial.predict import (
@@ -57,6 +57,7 @@ def predict_section(model, dm: SpatialDataModule, section: str, num_samples: int
     return noisy, clean.mean(1)
 
 
+@register_sampler("spatial")
 class SpatialSampler(Sampler):
     """Expression maps for one section: K samples per spot -> mean, std, 90 % interval.
 
@@ -88,7 +89,8 @@ class SpatialSampler(Sampler):
         genes = self.genes or plot_genes(pred, self.n_plot_genes)
         png = plot_maps(pred, genes, out_dir / f"{section}_maps.png", title=f"{section}: K={samples.shape[1]} samples")
         r = pearson_per_gene(pred.X, measured)
-        return {"section": section, "num_samples": int(samples.shape[1]), "h5ad": str(h5), "images": [str(png)],
+        return {"section": section, "num_samples": int(samples.shape[1]), "h5ad": str(h5), "files": [str(h5)],
+                "images": [str(png)],
                 "pcc_mean": float(np.nanmean(r)), "coverage90": interval_coverage(samples, measured),
                 "seconds": round(time.time() - t0, 1)}
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from armodal.modalities.base import Tokenizer
+from armodal.modalities.base import Tokenizer, register_tokenizer
 
 __all__ = ["ExpressionTokenizer", "RVQExpressionTokenizer", "BinnedExpressionTokenizer"]
 
@@ -78,6 +78,7 @@ class ExpressionTokenizer(Tokenizer):
 
 
 # ----------------------------------------------------------------------------- residual VQ
+@register_tokenizer("spatial.rvq")
 class RVQExpressionTokenizer(ExpressionTokenizer):
     """Residual VQ with ``n_levels`` codebooks of ``codebook_size`` k-means centroids each.
 
@@ -225,6 +226,7 @@ class RVQExpressionTokenizer(ExpressionTokenizer):
 
 
 # ----------------------------------------------------------------------------- per-gene bins
+@register_tokenizer("spatial.binned")
 class BinnedExpressionTokenizer(ExpressionTokenizer):
     """Per-gene bins in a fixed gene order: bin 0 = zero, bins 1.. = quantiles of the non-zero values.
 

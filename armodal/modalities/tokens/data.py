@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from armodal.modalities.base import register_datamodule
 from armodal.modalities.tokens.tokenizer import TokensTokenizer
 
 __all__ = ["TokensDataModule", "read_token_file", "write_toy_corpus", "WindowDataset"]
@@ -94,6 +95,7 @@ class WindowDataset(Dataset):
         return {"ids": ids}
 
 
+@register_datamodule("tokens")
 class TokensDataModule(pl.LightningDataModule):
     """Pre-tokenized data in ``path``: ``train.{npy,bin}``, optional ``val``/``test``, and ``vocab.json``.
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from armodal.generation import GenerationConfig
+from armodal.modalities.base import register_evaluator
 
 __all__ = ["TokensEvaluator", "unigram_tv", "bigrams", "sequence_stats"]
 
@@ -51,6 +52,7 @@ def sequence_stats(samples: list[list[int]], reference: list, train: list, n_sym
     }
 
 
+@register_evaluator("tokens")
 class TokensEvaluator:
     """``armodal-eval`` hook: sample ``num_samples`` sequences from BOS and compare them with the
     held-out ``split`` (and the training bigrams).  ``generation``: the sampling settings (default:

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
-from armodal.modalities.base import Sampler
+from armodal.modalities.base import Sampler, register_sampler
 
 __all__ = ["TokensSampler"]
 
 
+@register_sampler("tokens")
 class TokensSampler(Sampler):
     """``num_samples`` sequences from BOS, or continuations of ``prompt`` (comma-separated symbols)."""
 
@@ -33,5 +34,5 @@ class TokensSampler(Sampler):
         samples = [tok.decode(row[:n]) for row, n in zip(out.ids.cpu(), out.lengths.tolist())]
         (out_dir / "samples.json").write_text(json.dumps(samples))
         (out_dir / "samples.txt").write_text("\n".join(tok.to_text(s) for s in samples) + "\n")
-        return {"files": [str(out_dir / "samples.json"), str(out_dir / "samples.txt")], "num_samples": len(samples),
+        return {"text": [str(out_dir / "samples.txt")], "files": [str(out_dir / "samples.json")], "num_samples": len(samples),
                 "mean_length": sum(map(len, samples)) / max(len(samples), 1)}

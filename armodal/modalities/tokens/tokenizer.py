@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
-from armodal.modalities.base import Tokenizer
+from armodal.modalities.base import Tokenizer, register_tokenizer
 
 __all__ = ["TokensTokenizer"]
 
 
+@register_tokenizer("tokens")
 class TokensTokenizer(Tokenizer):
     """Ids ``0..n_symbols-1`` are the user's symbols; pad, bos and eos follow unless the vocab names them.
 
