@@ -9,6 +9,7 @@ width, heads and vocabulary, with random weights (nothing is downloaded).
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -25,8 +26,41 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 50257
-PEAK_BW_GBS = {"cuda": 3350.0}  # H100 SXM HBM3; the CPU's is measured (measure_bandwidth)
-PEAK_TFLOPS = {("cuda", "bf16"): 989.0, ("cuda", "fp32"): 67.0}  # H100 SXM dense
+# Vendor peaks of the GPUs we may be lent: HBM bandwidth (GB/s) and dense tensor-core TFLOP/s
+# (bf16; "fp32" is TF32, which float32 matmuls use under set_float32_matmul_precision("high")).
+# Matched on torch.cuda.get_device_name(), most specific first; anything else is measured
+# (gpu_peaks), as the CPU always is.
+GPU_SPECS = [
+    ("H200 NVL", {"bw_GBs": 4800.0, "bf16": 835.0, "fp32": 418.0}),
+    ("H200", {"bw_GBs": 4800.0, "bf16": 989.0, "fp32": 494.0}),  # H200 SXM (HBM3e)
+    ("H100 NVL", {"bw_GBs": 3900.0, "bf16": 835.0, "fp32": 418.0}),
+    ("H100 PCIe", {"bw_GBs": 2000.0, "bf16": 756.0, "fp32": 378.0}),
+    ("H100", {"bw_GBs": 3350.0, "bf16": 989.0, "fp32": 494.0}),  # H100 SXM (HBM3)
+    ("A100-SXM4-80GB", {"bw_GBs": 2039.0, "bf16": 312.0, "fp32": 156.0}),
+    ("A100", {"bw_GBs": 1555.0, "bf16": 312.0, "fp32": 156.0}),  # 40 GB / PCIe
+    ("L40S", {"bw_GBs": 864.0, "bf16": 362.0, "fp32": 183.0}),
+    ("L4", {"bw_GBs": 300.0, "bf16": 121.0, "fp32": 60.0}),
+]
+
+
+def gpu_spec(name: str) -> tuple[str, dict] | None:
+    """(matched key, peaks) for a CUDA device name such as ``NVIDIA H200``; None when unknown."""
+    for key, spec in GPU_SPECS:
+        if key.lower() in name.lower():
+            return key, spec
+    return None
+
+
+def gpu_peaks(device, dtype_name: str = "bf16") -> dict:
+    """Peak bandwidth (GB/s) and TFLOP/s of ``device``: the vendor spec when the name is known, else measured."""
+    name = torch.cuda.get_device_name(device)
+    hit = gpu_spec(name)
+    if hit is not None:
+        key, spec = hit
+        return {"gpu": name, "bw_GBs": spec["bw_GBs"], "tflops": spec[dtype_name], "source": f"{key} spec"}
+    bw = measure_bandwidth(device, mib=2048)["peak_GBs"]
+    mm = measure_matmul_tflops(device, torch.bfloat16 if dtype_name == "bf16" else torch.float32, n=8192)
+    return {"gpu": name, "bw_GBs": bw, "tflops": mm, "source": "measured (unknown GPU)"}
 
 
 def model_shape(size: str) -> dict:
@@ -35,17 +69,18 @@ def model_shape(size: str) -> dict:
     return {k: int(cfg[k]) for k in ("n_layer", "n_head", "d_model", "max_seq_len")}
 
 
-def build_ours(size: str, device, dtype=torch.float32):
+def build_ours(size: str, device, dtype=torch.float32, max_seq_len: int | None = None):
     from armodal.models import build_transformer
 
-    net = build_transformer(vocab_size=VOCAB, dropout=0.0, **model_shape(size))
+    shape = {**model_shape(size), **({"max_seq_len": max_seq_len} if max_seq_len else {})}
+    net = build_transformer(vocab_size=VOCAB, dropout=0.0, **shape)
     return net.to(device=device, dtype=dtype)
 
 
-def build_hf(size: str, device, dtype=torch.float32, attn: str = "sdpa"):
+def build_hf(size: str, device, dtype=torch.float32, attn: str = "sdpa", max_seq_len: int | None = None):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    s = model_shape(size)
+    s = {**model_shape(size), **({"max_seq_len": max_seq_len} if max_seq_len else {})}
     cfg = GPT2Config(
         vocab_size=VOCAB, n_positions=s["max_seq_len"], n_embd=s["d_model"], n_layer=s["n_layer"],
         n_head=s["n_head"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
@@ -184,6 +219,17 @@ class PeakMemory:
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
+
+
+def fit_exponent(xs, ys) -> float | None:
+    """Least-squares slope of log y against log x."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if y]
+    if len(pts) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    den = sum((p[0] - mx) ** 2 for p in pts)
+    return round(sum((p[0] - mx) * (p[1] - my) for p in pts) / den, 3) if den else None
 
 
 def emit(report: dict, out: str | None) -> None:

@@ -1,12 +1,17 @@
 """Decode benchmark: armodal vs HF GPT-2 peers, same process, same device, same shapes. Prints JSON.
 
-Contenders (all greedy, exactly ``--new`` tokens, random weights, no EOS):
+Contenders (exactly ``--new`` tokens, random weights, no EOS; greedy, or with ``--sample``
+temperature 1 and top-k 50 on both sides):
 
 * ``ours``       armodal ``generate`` (eager, static KV cache sliced to the live prefix);
 * ``ours_io``    ablation: the eager engine with [in, out] weight layout (``set_weight_layout``);
 * ``ours_fast``  armodal :class:`FastDecoder` (static cache, compiled single-token step:
-                 CUDA graphs on CUDA, inductor freezing on the CPU), eager prefill;
+                 CUDA graphs on CUDA, inductor ``default`` mode on the CPU), eager prefill;
+* ``ours[_fast]_int8`` / ``_int4`` / ``_int8dyn`` / ``_bf16``: the same with the linear weights
+                 quantised by :func:`armodal.generation.quantize.quantize_weights` (``int8``,
+                 ``int4``, ``int8_dynamic``; the last runs eagerly only), or the whole model in bf16;
 * ``p1``         HF ``GPT2LMHeadModel.generate`` with its default (dynamic) cache;
+  ``p1_bf16``    the same model in bf16;
 * ``p2``         HF with ``cache_implementation="static"`` and
                  ``torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)``;
 * ``p3``         a plain no-cache loop recomputing the whole prefix each step
@@ -19,10 +24,14 @@ Per contender: tokens/s (batch x new tokens / wall time), ms per decode step
 ((total - ttft) / (new - 1)), time to first token (prefill + first token), peak memory
 (CUDA allocator peak, or sampled RSS growth on the CPU, where buffers allocated once
 at warm-up, such as static caches and compiled constants, show under warmup_peak_mem_mib)
-and, at batch 1, memory-bandwidth
-utilisation: (weight bytes + KV bytes read per step) / step time / peak bandwidth.
+and, at batch 1, memory-bandwidth utilisation: (bytes of weights read per step, as stored,
++ KV bytes) / step time / peak bandwidth.  Greedy runs also report, per contender, the
+fraction of its tokens equal to ``ours`` (same weights; exactly 1.0 for the fp32 paths;
+with random weights the logits are nearly flat, so quantised paths diverge early: their
+accuracy is measured on trained checkpoints by scripts/quantize_nll.py).
 
     python scripts/bench_generate.py --sizes small --batch 1 --prompt 16
+    python scripts/bench_generate.py --sizes base --contenders ours_fast,ours_fast_int8,ours_fast_int4,p1
     python scripts/bench_generate.py --device cuda --sizes small,base,medium --batch 1,64 --prompt 16,512
 """
 
@@ -33,40 +42,64 @@ import copy
 import sys
 import time
 import traceback
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-
-from bench_common import (  # noqa: E402
-    PEAK_BW_GBS, PeakMemory, build_hf, build_ours, environment, load_average, measure_bandwidth, median,
-    emit, model_shape, param_report, sync,
+from bench_common import (  # scripts/ is on sys.path when a script in it runs
+    PeakMemory, build_hf, build_ours, emit, environment, gpu_peaks, load_average, measure_bandwidth, median,
+    model_shape, param_report, sync,
 )
 
-from armodal.generation import GenerationConfig, generate  # noqa: E402
-from armodal.generation.fast import FastDecoder, set_weight_layout  # noqa: E402
+from armodal.generation import GenerationConfig, generate
+from armodal.generation.fast import FastDecoder, set_weight_layout
+from armodal.generation.quantize import quantize_weights, weight_bytes
 
 GREEDY = GenerationConfig(strategy="greedy", compile="false")  # the eager engine; ours_fast brings its own decoder
+SAMPLED = GenerationConfig(temperature=1.0, top_k=50, compile="false")
+QUANT = {"int8": "int8", "int4": "int4", "int8dyn": "int8_dynamic"}
+
+
+def parse_ours(name: str) -> dict:
+    """``ours[_fast][_io][_int8|_int4|_int8dyn|_bf16]`` -> options."""
+    opts = {"fast": False, "layout": None, "quantize": "none", "bf16": False}
+    for part in name.split("_")[1:]:
+        if part == "fast":
+            opts["fast"] = True
+        elif part == "io":
+            opts["layout"] = "in_out"
+        elif part in QUANT:
+            opts["quantize"] = QUANT[part]
+        elif part == "bf16":
+            opts["bf16"] = True
+        else:
+            raise ValueError(f"unknown contender {name!r} (part {part!r})")
+    if opts["fast"] and opts["quantize"] == "int8_dynamic":
+        raise ValueError(f"{name}: int8_dynamic runs in the eager engine only")
+    return opts
 
 
 # ----------------------------------------------------------------------------- contenders
 class Ours:
-    name = "ours"
-
-    def __init__(self, net, fast: bool, max_batch: int, max_len: int, mode: str | None, layout: str | None = None):
-        self.net, self.fast = net, None
-        if fast:
-            self.name = "ours_fast"
+    def __init__(self, name, net, max_batch: int, max_len: int, mode: str | None, sampling, seed: int = 0):
+        self.name, self.net, self.fast, self.sampling, self.seed = name, net, None, sampling, seed
+        o = parse_ours(name)
+        if o["bf16"]:
+            net.to(torch.bfloat16)
+        if o["quantize"] != "none":
+            quantize_weights(net, o["quantize"])
+        self.bytes = weight_bytes(net, decode_step=True)
+        if o["fast"]:
             self.fast = FastDecoder(net, max_batch=max_batch, max_len=max_len, mode=mode)
-        elif layout:
-            self.name = "ours_io"
-            set_weight_layout(net, layout)
+        elif o["layout"]:
+            set_weight_layout(net, o["layout"])
 
     def run(self, ids, new):
+        kw = {"max_new_tokens": new, "config": self.sampling}
+        if not self.sampling.is_greedy:
+            kw["generator"] = torch.Generator(ids.device).manual_seed(self.seed)
         if self.fast is not None:
-            return self.fast.generate(ids, max_new_tokens=new, config=GREEDY).ids
-        return generate(self.net, ids, max_new_tokens=new, config=GREEDY).ids
+            return self.fast.generate(ids, **kw).ids
+        return generate(self.net, ids, **kw).ids
 
     def close(self):
         if self.fast is not None:
@@ -76,20 +109,20 @@ class Ours:
 class NoCache:
     name = "p3"
 
-    def __init__(self, net):
-        self.net = net
+    def __init__(self, net, sampling):
+        self.net, self.sampling = net, sampling
 
     def run(self, ids, new):
-        return generate(self.net, ids, max_new_tokens=new, config=GREEDY, use_cache=False).ids
+        return generate(self.net, ids, max_new_tokens=new, config=self.sampling, use_cache=False,
+                        generator=torch.Generator(ids.device).manual_seed(0)).ids
 
     def close(self):
         pass
 
 
 class HF:
-    def __init__(self, model, static: bool):
-        self.model, self.static = model, static
-        self.name = "p2" if static else "p1"
+    def __init__(self, name, model, static: bool, sampling):
+        self.model, self.static, self.name, self.sampling = model, static, name, sampling
         gc = model.generation_config
         gc.eos_token_id, gc.pad_token_id, gc.bos_token_id = None, 0, 0
         if static:
@@ -100,7 +133,8 @@ class HF:
         with torch.inference_mode():
             return self.model.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                do_sample=False, num_beams=1,
+                num_beams=1, **({"do_sample": False} if self.sampling.is_greedy else
+                                {"do_sample": True, "temperature": 1.0, "top_k": self.sampling.top_k, "top_p": 1.0}),
             )
 
     def close(self):
@@ -115,16 +149,28 @@ def timed(c, ids, new, device):
     return time.perf_counter() - t, out
 
 
-# ----------------------------------------------------------------------------- bytes moved per step
-def bytes_per_step(net, batch: int, ctx: float, dtype_bytes: int) -> float:
-    """Weights read once (the tied embedding as the output head) + K and V of ``ctx`` cached positions."""
-    cfg = net.config
-    weights = sum(p.numel() for p in net.parameters()) * dtype_bytes
-    kv = 2 * cfg.n_layer * ctx * cfg.n_kv_head * cfg.head_dim * dtype_bytes * batch
-    return weights + kv
-
-
 # ----------------------------------------------------------------------------- one setting
+def kv_bytes(cfg, batch: int, ctx: float, dtype_bytes: int) -> float:
+    """K and V of ``ctx`` cached positions, every layer."""
+    return 2 * cfg.n_layer * ctx * cfg.n_kv_head * cfg.head_dim * dtype_bytes * batch
+
+
+def make_contender(name, net, hf, size, batch, prompt, args, device, dtype):
+    sampling = SAMPLED if args.sample else GREEDY
+    if name.startswith("ours"):
+        return Ours(name, copy.deepcopy(net), batch, prompt + args.new, args.fast_mode, sampling)
+    if name in ("p1", "p1_bf16"):
+        m = hf if name == "p1" else copy.deepcopy(hf).to(torch.bfloat16)
+        return HF(name, m, static=False, sampling=sampling)
+    if name == "p2":
+        hf2 = build_hf(size, device, dtype).eval()
+        hf2.load_state_dict(hf.state_dict())
+        return HF(name, hf2, static=True, sampling=sampling)
+    if name == "p3":
+        return NoCache(copy.deepcopy(net), sampling)
+    raise ValueError(f"unknown contender {name!r}")
+
+
 def bench_setting(size, batch, prompt, args, device, dtype, peak_bw, log):
     torch.manual_seed(0)
     net = build_ours(size, device, dtype).eval()
@@ -137,22 +183,10 @@ def bench_setting(size, batch, prompt, args, device, dtype, peak_bw, log):
     contenders, errors = [], {}
     for name in args.contenders:
         try:
-            if name == "ours":
-                contenders.append(Ours(copy.deepcopy(net), False, batch, prompt + new, None))
-            elif name == "ours_io":  # ablation: eager engine with [in, out] weights
-                contenders.append(Ours(copy.deepcopy(net), False, batch, prompt + new, None, "in_out"))
-            elif name == "ours_fast":
-                contenders.append(Ours(copy.deepcopy(net), True, batch, prompt + new, args.fast_mode))
-            elif name == "p1":
-                contenders.append(HF(hf, static=False))
-            elif name == "p2":
-                hf2 = build_hf(size, device, dtype).eval()
-                hf2.load_state_dict(hf.state_dict())
-                contenders.append(HF(hf2, static=True))
-            elif name == "p3":
-                contenders.append(NoCache(copy.deepcopy(net)))
+            contenders.append(make_contender(name, net, hf, size, batch, prompt, args, device, dtype))
         except Exception as e:  # a peer that cannot run here is reported, not fatal
             errors[name] = f"{type(e).__name__}: {e}"
+            log(f"  {name} not built: {errors[name]}")
     res = {c.name: {"total_s": [], "ttft_s": [], "peak_mib": [], "compile_s": None} for c in contenders}
 
     # warm-up (and compilation) outside the timed runs; first-call time recorded as compile_s
@@ -174,6 +208,7 @@ def bench_setting(size, batch, prompt, args, device, dtype, peak_bw, log):
                 traceback.print_exc()
             res.pop(c.name)
 
+    by_name = {c.name: c for c in contenders}
     outs = {}
     for r in range(args.repeats):
         for c in live:
@@ -187,15 +222,18 @@ def bench_setting(size, batch, prompt, args, device, dtype, peak_bw, log):
             res[c.name]["peak_mib"].append(pm.peak_mib)
             log(f"  rep {r} {c.name}: {batch * n / dt:.1f} tok/s  ttft {ttft * 1e3:.1f} ms  peak {pm.peak_mib} MiB")
 
-    # same work: greedy tokens of ours / ours_fast / p3 agree (same weights); HF has other weights
-    agree = {}
-    if "ours" in outs:
-        for k in ("ours_io", "ours_fast", "p3"):
-            if k in outs:
-                m = min(outs[k].shape[1], outs["ours"].shape[1])
-                agree[f"ours_vs_{k}"] = bool(torch.equal(outs[k][:, :m], outs["ours"][:, :m]))
+    # same work: greedy tokens equal to ``ours`` (same weights; HF has other weights)
+    agree, match = {}, {}
+    if "ours" in outs and not args.sample:
+        for k, out in outs.items():
+            if k in ("ours", "p1", "p1_bf16", "p2"):
+                continue
+            m = min(out.shape[1], outs["ours"].shape[1])
+            same = out[:, prompt:m] == outs["ours"][:, prompt:m]
+            match[k] = round(same.float().mean().item(), 4)
+            if k in ("ours_io", "ours_fast", "p3"):  # fp32 paths: must be identical
+                agree[f"ours_vs_{k}"] = bool(same.all())
 
-    dtype_bytes = torch.finfo(dtype).bits // 8
     summary = {}
     for name, r in res.items():
         n = args.p3_new if name == "p3" else new
@@ -211,22 +249,27 @@ def bench_setting(size, batch, prompt, args, device, dtype, peak_bw, log):
             "warmup_peak_mem_mib": r.get("warmup_peak_mib"),
             "runs_total_s": [round(x, 3) for x in r["total_s"]],
         }
-        if batch == 1 and name != "p3":
-            b = bytes_per_step(net, batch, prompt + n / 2, dtype_bytes)
+        c = by_name[name]
+        if batch == 1 and hasattr(c, "bytes"):
+            kv_dtype = torch.bfloat16 if parse_ours(name)["bf16"] else dtype
+            b = c.bytes + kv_bytes(net.config, batch, prompt + n / 2, torch.finfo(kv_dtype).bits // 8)
             row["bytes_per_step_MB"] = round(b / 1e6, 1)
             row["achieved_GBs"] = round(b / step / 1e9, 2)
             row["bandwidth_utilisation"] = round(b / step / 1e9 / peak_bw, 4)
         summary[name] = row
     ratios = {}
-    for mine in ("ours", "ours_io", "ours_fast"):
-        for peer in ("p1", "p2", "p3"):
-            if mine in summary and peer in summary:
+    for mine in summary:
+        if not mine.startswith("ours"):
+            continue
+        for peer in ("p1", "p1_bf16", "p2", "p3"):
+            if peer in summary:
                 ratios[f"{mine}_over_{peer}_tokens_per_s"] = round(
                     summary[mine]["tokens_per_s"] / summary[peer]["tokens_per_s"], 3)
     for c in contenders:
         c.close()
     return {"size": size, "shape": model_shape(size), "batch": batch, "prompt": prompt, "params": params,
-            "results": summary, "ratios": ratios, "greedy_outputs_agree": agree, "errors": errors,
+            "results": summary, "ratios": ratios, "greedy_outputs_agree": agree, "greedy_match_vs_ours": match,
+            "errors": errors,
             "load_average": load_average()}
 
 
@@ -243,7 +286,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--peak-bw", type=float, default=None,
-                    help="peak memory bandwidth GB/s (default: 3350 on CUDA, measured on the CPU)")
+                    help="peak memory bandwidth GB/s (default: the GPU's spec by name, measured on the CPU)")
+    ap.add_argument("--sample", action="store_true", help="sample (temperature 1, top-k 50) instead of greedy")
     ap.add_argument("--fast-mode", default=None, help="torch.compile mode of ours_fast (default per device)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--verbose", action="store_true")
@@ -261,7 +305,8 @@ def main(argv=None):
 
     env = environment(device)
     bw = measure_bandwidth(device) if device.type == "cpu" and not args.peak_bw else None
-    peak_bw = args.peak_bw or (bw["peak_GBs"] if bw else PEAK_BW_GBS["cuda"])
+    spec = gpu_peaks(device, args.dtype) if device.type == "cuda" and not args.peak_bw else None
+    peak_bw = args.peak_bw or (bw["peak_GBs"] if bw else spec["bw_GBs"])
     log(f"env {env}  bandwidth {bw}  peak_bw {peak_bw} GB/s")
     runs = []
     for size in args.sizes.split(","):
@@ -276,7 +321,8 @@ def main(argv=None):
         "new_tokens": args.new,
         "memory_bandwidth": bw,
         "peak_bandwidth_GBs": peak_bw,
-        "peak_bandwidth_source": "flag" if args.peak_bw else ("measured" if bw else "H100 SXM spec"),
+        "peak_bandwidth_source": "flag" if args.peak_bw else ("measured" if bw else spec["source"]),
+        "sampling": "temperature 1, top-k 50" if args.sample else "greedy",
         "runs": runs,
         "load_average_end": load_average(),
     }

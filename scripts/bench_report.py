@@ -1,4 +1,5 @@
-"""Render the benchmark JSONs (bench_generate / bench_train / bench_speculative / bench_strategies) as markdown tables.
+"""Render the benchmark JSONs as markdown tables (bench_generate, bench_train, bench_speculative,
+bench_strategies, quantize_nll, bench_sequence_cost, bench_linear_kernels).
 
     python scripts/bench_report.py docs/bench_generate_cpu.json docs/bench_train_cpu.json ...
 """
@@ -82,11 +83,53 @@ def speculative_table(r: dict) -> str:
     return "\n".join(out)
 
 
+def quantize_table(r: dict) -> str:
+    out = [f"`{r['command']}`  ({r['modality']}, {r['params']:,} params, {r['split']} split; greedy "
+           f"{r['greedy']['prompts']} prompts x {r['greedy']['new']} tokens; load average start "
+           f"{r['load_average_start']}, end {r['load_average_end']})", "",
+           "| weights | NLL (nats/token) | vs fp32 | argmax agreement | greedy tokens equal | weight bytes |",
+           "|---|---|---|---|---|---|"]
+    def pct(x, fmt):
+        return "–" if x is None else format(100 * x, fmt) + " %"
+
+    for mode, row in r["results"].items():
+        out.append(f"| {'fp32' if mode == 'none' else mode} | {row['nll']:.4f} | "
+                   f"{pct(row.get('nll_rel_change'), '+.3f')} | {pct(row.get('argmax_agreement'), '.2f')} | "
+                   f"{pct(row.get('greedy_match'), '.1f')} | {row['bytes']:,} |")
+    return "\n".join(out)
+
+
+def sequence_table(r: dict) -> str:
+    names = list(r["curves"])
+    out = [f"`{r['command']}`  ({r['size']}, {r['params'] / 1e6:.1f}M params, load average start "
+           f"{r['env']['load_average_start']}, end {r['load_average_end']})", "",
+           "| position | " + " | ".join(f"{n} ms" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for i, p in enumerate(r["positions"]):
+        out.append(f"| {p} | " + " | ".join(_f(r["curves"][n]["ms_per_token"][i], 2) for n in names) + " |")
+    out.append("| exponent (all) | " + " | ".join(str(r["curves"][n]["exponent_all"]) for n in names) + " |")
+    out.append(f"| exponent (>= {r['tail_from']}) | "
+               + " | ".join(str(r["curves"][n]["exponent_tail"]) for n in names) + " |")
+    return "\n".join(out)
+
+
+def kernels_table(r: dict) -> str:
+    rows = list(r["results"])
+    names = list(r["results"][rows[0]])
+    out = [f"`{r['command']}`  ({r['shape']}; load average start {r['env']['load_average_start']}, "
+           f"end {r['load_average_end']})", "",
+           "| rows M | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for m in rows:
+        out.append(f"| {m} | " + " | ".join(
+            f"{r['results'][m][n]['ms']:.1f} ms ({r['results'][m][n]['speedup_vs_fp32']}x)" for n in names) + " |")
+    return "\n".join(out)
+
+
 def main(paths):
     for p in paths:
         r = json.load(open(p))
         fn = {"generate": generate_table, "train": train_table, "speculative": speculative_table,
-              "strategies": strategies_table}[r["benchmark"]]
+              "strategies": strategies_table, "quantize_nll": quantize_table, "sequence_cost": sequence_table,
+              "linear_kernels": kernels_table}[r["benchmark"]]
         print(f"### {p}\n\n{fn(r)}\n")
 
 

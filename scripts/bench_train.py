@@ -14,8 +14,9 @@ All use AdamW from :func:`armodal.training.optim.adamw` (fused kernel on CUDA) a
 MFU = tokens/s x FLOPs per token / peak FLOP/s, with FLOPs per token
 ``6 N + 12 L d T`` (N parameters, embedding counted once as it is tied; L layers,
 d width, T sequence length: the attention score and value products).  The peak is
-989 TFLOP/s bf16 on an H100 SXM (``--peak-tflops``); on the CPU it is measured
-as the best dense 2048^3 matmul throughput in this process.
+the vendor's dense bf16 (or TF32) figure for the GPU by name (``bench_common.GPU_SPECS``:
+989 TFLOP/s bf16 on an H100 or H200 SXM), measured for an unknown GPU, or ``--peak-tflops``;
+on the CPU it is measured as the best dense 2048^3 matmul throughput in this process.
 
     python scripts/bench_train.py                      # CPU defaults: small, seq 256, batch 4, fp32
     python scripts/bench_train.py --device cuda --size base --seq 1024 --batch 16 --dtype bf16
@@ -26,16 +27,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from bench_common import (  # noqa: E402
-    PEAK_TFLOPS, PeakMemory, build_hf, build_ours, environment, load_average, measure_matmul_tflops, median,
-    emit, model_shape, num_params, param_report, sync,
+from bench_common import (  # scripts/ is on sys.path when a script in it runs
+    PeakMemory, build_hf, build_ours, emit, environment, gpu_peaks, load_average, measure_matmul_tflops, median,
+    model_shape, num_params, param_report, sync,
 )
 
 from armodal.training import batch_nll  # noqa: E402
@@ -100,7 +98,7 @@ def main(argv=None):
     ap.add_argument("--dtype", default="fp32" if cpu else "bf16", choices=["fp32", "bf16"])
     ap.add_argument("--contenders", default="ours,ours_compiled,hf,hf_compiled")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s (default: H100 spec / CPU measured)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s (default: the GPU spec by name / measured)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -115,7 +113,8 @@ def main(argv=None):
     if args.peak_tflops:
         peak, source = args.peak_tflops, "flag"
     elif device.type == "cuda":
-        peak, source = PEAK_TFLOPS[("cuda", args.dtype)], "H100 SXM dense spec"
+        spec = gpu_peaks(device, args.dtype)
+        peak, source = spec["tflops"], spec["source"]
     else:
         mm_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         peak, source = measure_matmul_tflops(device, mm_dtype), "measured 2048^3 matmul"

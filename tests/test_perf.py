@@ -145,3 +145,22 @@ def test_frozen_compiled_step_gives_eager_tokens():
     out = fast.generate(ids, max_new_tokens=12, config=GREEDY).ids
     fast.close()
     assert torch.equal(out, ref)
+
+
+def test_top_k_sampling_draws_from_the_top_k_distribution():
+    """sample() with top-k draws inside the k largest only, with the renormalised probabilities."""
+    from armodal.generation import process, sample
+
+    logits = torch.tensor([2.0, 0.5, 1.0, -1.0, 1.5, 0.0])
+    sp = GenerationConfig(temperature=0.8, top_k=3)
+    n = 40000
+    draws = sample(process(logits.expand(n, -1), sp), sp, torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=6).float() / n
+    expect = torch.zeros(6)
+    expect[[0, 4, 2]] = torch.softmax(logits[[0, 4, 2]] / 0.8, 0)
+    assert counts[[1, 3, 5]].sum() == 0  # never outside the top 3
+    assert torch.allclose(counts, expect, atol=0.01)  # 3 sd of a frequency at n = 40000 is < 0.008
+    # a grammar mask leaving fewer than k tokens: only the allowed ones are drawn
+    allowed = torch.tensor([False, True, False, False, False, True])
+    d2 = sample(process(logits.expand(1000, -1), sp, allowed=allowed), sp, torch.Generator().manual_seed(1))
+    assert set(d2.tolist()) <= {1, 5} and len(set(d2.tolist())) == 2
