@@ -3,17 +3,17 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from armodal.ar_model import ARModel
 from armodal.modalities.base import load_tokenizer
-from armodal.training.checkpoint import CheckpointError, read_checkpoint
-from armodal.utils.safety import check_config_targets
+from armodal.pretrained import MANIFEST, is_pretrained_dir, load_pretrained
+from armodal.training.checkpoint import CheckpointError, read_checkpoint, verify_tokenizer_files
+from armodal.utils.safety import locate_target, safe_config
 
 __all__ = ["ARModel", "load", "load_stage", "load_checkpoint_meta", "is_ar_config", "AR_MODULE"]
 
@@ -26,8 +26,7 @@ def load_checkpoint_meta(path: str | Path, expect_modality: str | None = None) -
     meta = ckpt.get("armodal")
     if not isinstance(meta, dict) or "config" not in meta:
         raise CheckpointError(f"{path}: not an armodal checkpoint (no 'armodal' metadata)")
-    cfg = OmegaConf.create(meta["config"])
-    check_config_targets(cfg, source=str(path))
+    cfg = safe_config(meta["config"], source=str(path))  # checked targets, interpolations resolved
     got = meta.get("modality")
     if expect_modality is not None and got != expect_modality:
         raise CheckpointError(f"{path}: checkpoint is for modality {got!r}, but {expect_modality!r} was expected")
@@ -55,20 +54,28 @@ def is_ar_config(cfg: DictConfig) -> bool:
 
 def load(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True,
          expect_modality: str | None = None) -> ARModel:
-    """Rebuild a trained autoregressive model from a checkpoint written by ``armodal-train``.
+    """Rebuild a trained autoregressive model from a checkpoint written by ``armodal-train``, or from a
+    folder written by ``armodal-export`` (safetensors weights, no pickle; see :mod:`armodal.pretrained`).
 
     Always an :class:`ARModel`; a checkpoint of another stage (e.g. the image VQ tokenizer)
     is a :class:`CheckpointError` pointing at :func:`load_stage`.  Only ``armodal.*`` targets
     are rebuilt, and weights are read with ``weights_only=True``.
     """
     path = Path(path)
+    if path.is_dir():
+        if not is_pretrained_dir(path):
+            raise CheckpointError(f"{path}: a folder without {MANIFEST}; pass a .ckpt file or a folder written by "
+                                  "armodal-export")
+        return load_pretrained(path, device=device, expect_modality=expect_modality)
     ckpt, cfg = load_checkpoint_meta(path, expect_modality)
     if not is_ar_config(cfg):
         raise CheckpointError(f"{path}: not an autoregressive checkpoint (stage {cfg.module._target_}); "
                               "load it with armodal.load_stage, or pass the AR stage's checkpoint")
     meta = ckpt["armodal"]
     state = ckpt["state_dict"]
-    tokenizer = load_tokenizer(_find_tokenizer_dir(path, meta))
+    tok_dir = _find_tokenizer_dir(path, meta)
+    verify_tokenizer_files(tok_dir, meta.get("tokenizer_sha256"), path)
+    tokenizer = load_tokenizer(tok_dir)
     if cfg.modality.get("name") and tokenizer.modality != cfg.modality.name:
         raise CheckpointError(f"{path}: saved tokenizer is for {tokenizer.modality!r}, config says {cfg.modality.name!r}")
     net = instantiate(cfg.model, vocab_size=tokenizer.vocab_size, num_types=tokenizer.num_types)
@@ -96,9 +103,7 @@ def load_stage(path: str | Path, device: str | torch.device = "cpu", expect_moda
     ckpt, cfg = load_checkpoint_meta(path, expect_modality)
     if is_ar_config(cfg):
         raise CheckpointError(f"{path}: an autoregressive checkpoint; load it with armodal.load")
-    target = cfg.module._target_
-    module_path, _, name = target.rpartition(".")
-    cls = getattr(importlib.import_module(module_path), name)
+    cls = locate_target(cfg.module._target_, str(path), "module._target_")
     if hasattr(cls, "from_checkpoint"):
         return cls.from_checkpoint(ckpt, cfg, path).to(device).eval()
     module = instantiate(cfg.module)

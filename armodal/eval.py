@@ -5,14 +5,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from armodal.modalities.base import MissingSplitError
 from armodal.training.loss import dataset_nll
 from armodal.utils.config import main_wrapper, register_resolvers
 from armodal.utils.device import pick_device
 
 __all__ = ["evaluate", "main"]
+
+
+def _test_loader(dm) -> tuple[object | None, str | None]:
+    """The datamodule's test loader, or (None, why there is none).  Only a datamodule that declares
+    no test split counts as missing; any other error while building the loader propagates."""
+    if type(dm).test_dataloader is pl.LightningDataModule.test_dataloader:
+        return None, f"{type(dm).__name__} defines no test_dataloader"
+    try:
+        return dm.test_dataloader(), None
+    except MissingSplitError as e:
+        return None, str(e)
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -23,32 +36,33 @@ def evaluate(cfg: DictConfig) -> dict:
     if not cfg.get("ckpt"):
         raise ValueError("armodal-eval needs ckpt=PATH (a checkpoint written by armodal-train)")
     ckpt = Path(cfg.ckpt).resolve()
-    _, saved = load_checkpoint_meta(ckpt)
-    is_ar = is_ar_config(saved)
-    if is_ar:
-        model = load(ckpt, device=pick_device(cfg.device), use_ema=cfg.use_ema)
-    else:  # another stage (e.g. the image VQ tokenizer): only the modality's own metrics apply
-        model = load_stage(ckpt, device=pick_device(cfg.device))
+    if ckpt.is_dir():  # a folder written by armodal-export: an AR model with its config
+        model = load(ckpt, device=pick_device(cfg.device))
+        saved, is_ar = model.config, True
+    else:
+        _, saved = load_checkpoint_meta(ckpt)
+        is_ar = is_ar_config(saved)
+        if is_ar:
+            model = load(ckpt, device=pick_device(cfg.device), use_ema=cfg.use_ema)
+        else:  # another stage (e.g. the image VQ tokenizer): only the modality's own metrics apply
+            model = load_stage(ckpt, device=pick_device(cfg.device))
     data_cfg = OmegaConf.merge(saved.modality.data, cfg.get("data") or {})
     dm = instantiate(data_cfg)
     dm.prepare_data()
     dm.setup("fit")
-    if hasattr(dm, "setup"):
-        try:
-            dm.setup("test")
-        except Exception:  # noqa: BLE001 - modalities without a test split
-            pass
+    dm.setup("test")
     metrics: dict = {"ckpt": str(ckpt), "modality": saved.modality.name}
     if is_ar:
         mb = cfg.get("max_batches")
         metrics["val"] = dataset_nll(model, dm.val_dataloader(), mb)
-        try:
-            test_loader = dm.test_dataloader()
-        except Exception:  # noqa: BLE001
-            test_loader = None
-        if test_loader is not None:
+        test_loader, why = _test_loader(dm)
+        if test_loader is None:
+            metrics["test"] = {"missing": why}
+            print(f"[armodal] no test metrics: {why}")
+        else:
             metrics["test"] = dataset_nll(model, test_loader, mb)
-    out = Path(cfg.out) if cfg.get("out") else ckpt.parent.parent / "eval_metrics.json"
+    default = ckpt.parent / f"{ckpt.name}-eval" if ckpt.is_dir() else ckpt.parent.parent  # never inside an export
+    out = Path(cfg.out) if cfg.get("out") else default / "eval_metrics.json"
     if saved.modality.get("evaluator") is not None and cfg.get("domain_metrics", True):
         evaluator = instantiate(nest_settings(saved.modality.evaluator),
                                 **OmegaConf.to_container(OmegaConf.create(cfg.get("evaluator") or {}), resolve=True))

@@ -55,7 +55,8 @@ def generate(cfg: DictConfig) -> dict:
         raise ValueError("armodal-generate needs ckpt=PATH (a checkpoint written by armodal-train)")
     model = load(cfg.ckpt, device=pick_device(cfg.device), use_ema=cfg.use_ema)
     ckpt = Path(cfg.ckpt).resolve()
-    out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else ckpt.parent.parent / "samples" / f"generate_{timestamp()}"
+    base = ckpt.parent / f"{ckpt.name}-samples" if ckpt.is_dir() else ckpt.parent.parent / "samples"  # an export: beside it
+    out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else base / f"generate_{timestamp()}"
     sampler = model.sampler(**_container(cfg.get("sampler")))
     settings = {k: v for k, v in _container(cfg.get("generation")).items() if v is not None}
     config = sampler.generation.replace(**settings)  # the modality's defaults, then the command line's

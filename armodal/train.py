@@ -4,48 +4,54 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
+import tempfile
 from pathlib import Path
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from armodal.training.checkpoint import AtomicCheckpointIO
+from armodal.modalities.base import TOKENIZER_FILE, MissingSplitError
+from armodal.training import run_folder
+from armodal.training.checkpoint import INTEGRITY_FORMAT, AtomicCheckpointIO, file_hashes
 from armodal.utils.config import is_child_rank, main_wrapper, register_resolvers, save_config, timestamp
-from armodal.utils.safety import check_config_targets
+from armodal.utils.safety import check_config_targets, check_config_types
 
 __all__ = ["train", "main", "resolve_run_dir"]
 
 
 def resolve_run_dir(cfg: DictConfig) -> tuple[Path, Path | None]:
-    """Pick the run folder and the checkpoint to resume from (if any)."""
+    """Pick the run folder and the checkpoint to resume from (if any); see :mod:`armodal.training.run_folder`."""
     if is_child_rank() and os.environ.get("ARMODAL_RUN_DIR"):
         run_dir = Path(os.environ["ARMODAL_RUN_DIR"])
         ckpt = os.environ.get("ARMODAL_RESUME_CKPT") or None
         return run_dir, Path(ckpt) if ckpt else None
-    resume = cfg.get("resume", False)
-    runs = Path(cfg.paths.runs_dir) / cfg.name
-    if isinstance(resume, str) and resume not in ("true", "false", "True", "False"):
-        ckpt = Path(resume).expanduser().resolve()
-        if not ckpt.is_file():
-            raise FileNotFoundError(f"resume={resume}: checkpoint file not found")
-        return ckpt.parent.parent, ckpt
-    if cfg.get("run_dir"):
-        run_dir = Path(cfg.run_dir).expanduser().resolve()
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return run_dir, last if resume and last.is_file() else None
-    if resume:
-        lasts = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if lasts:
-            return lasts[-1].parent.parent, lasts[-1]
-        warnings.warn(f"resume=true but no run of {cfg.name!r} under {runs} has a last.ckpt: starting fresh")
-    run_dir = runs / timestamp()
-    i = 1
-    while run_dir.exists():
-        run_dir = runs / f"{timestamp()}_{i}"
-        i += 1
-    return run_dir.resolve(), None
+    return run_folder.resolve_run_dir(cfg, Path(cfg.paths.runs_dir), timestamp())
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Everything that can be checked before a side effect: targets, value types and choices, required data."""
+    check_config_targets(cfg, source="train config", trusted=True)
+    check_config_types(cfg, source="train config", extra={"trainer": pl.Trainer})
+    missing = [str(p) for p in (cfg.get("requires") or []) if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"experiment {cfg.name!r} needs data that is not here: {', '.join(missing)}")
+
+
+def save_tokenizer(tok, run_dir: Path, resuming: bool) -> dict[str, str]:
+    """Save the tokenizer next to the checkpoints (kept as is on resume, after checking it is the same);
+    return the SHA-256 of each of its files, recorded in every checkpoint."""
+    tok_dir = run_dir / "tokenizer"
+    if resuming and (tok_dir / TOKENIZER_FILE).is_file():
+        with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
+            fresh = tok.save(Path(tmp)) / TOKENIZER_FILE
+            if json.loads(fresh.read_text()) != json.loads((tok_dir / TOKENIZER_FILE).read_text()):
+                raise run_folder.RunFolderError(
+                    f"{tok_dir / TOKENIZER_FILE}: the data now builds a different tokenizer than the one this run "
+                    "was trained with; resume with the same data and tokenizer settings, or start a new run")
+    else:
+        tok.save(tok_dir)
+    return file_hashes(tok_dir)
 
 
 def build_runtime(cfg: DictConfig, datamodule) -> dict:
@@ -94,20 +100,29 @@ def _group_entries(cfg: DictConfig, group: str) -> list:
 def train(cfg: DictConfig) -> dict:
     """Train the configured experiment; returns the final metrics (also written to metrics.json)."""
     register_resolvers()
-    check_config_targets(cfg, source="train config")
-    missing = [str(p) for p in (cfg.get("requires") or []) if not Path(p).exists()]
-    if missing:
-        raise FileNotFoundError(f"experiment {cfg.name!r} needs data that is not here: {', '.join(missing)}")
-    run_dir, ckpt_path = resolve_run_dir(cfg)
+    run_dir, ckpt_path = resolve_run_dir(cfg)  # decides only; nothing is created yet
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+    check_config(cfg)
+    if ckpt_path is not None:
+        from armodal.api import load_checkpoint_meta
+
+        load_checkpoint_meta(ckpt_path, expect_modality=cfg.modality.name)  # clear error for another modality
+    lock = None
+    if not is_child_rank():
+        lock = run_folder.claim_run_dir(run_dir, resuming=ckpt_path is not None, overwrite=bool(cfg.get("overwrite")))
+    try:
+        return _train(cfg, run_dir, ckpt_path)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> dict:
     os.environ["ARMODAL_RUN_DIR"] = str(run_dir)
     os.environ.pop("ARMODAL_RESUME_CKPT", None)  # DDP child ranks read these two
     if ckpt_path is not None:
         os.environ["ARMODAL_RESUME_CKPT"] = str(ckpt_path)
-        from armodal.api import load_checkpoint_meta
-
-        load_checkpoint_meta(ckpt_path, expect_modality=cfg.modality.name)  # clear error for another modality
-    with open_dict(cfg):
-        cfg.run_dir = str(run_dir)
     pl.seed_everything(cfg.seed, workers=True)
     if not is_child_rank():
         save_config(cfg, run_dir / "config.yaml")
@@ -117,15 +132,17 @@ def train(cfg: DictConfig) -> dict:
     dm.prepare_data()
     dm.setup("fit")
     runtime = build_runtime(cfg, dm)
+    tok_hashes = None
     if "tokenizer" in runtime and not is_child_rank():
-        runtime["tokenizer"].save(run_dir / "tokenizer")
+        tok_hashes = save_tokenizer(runtime["tokenizer"], run_dir, resuming=ckpt_path is not None)
     module = instantiate(cfg.module, **runtime)
     module.armodal_meta = {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "modality": cfg.modality.name,
         "name": cfg.name,
         "run_dir": str(run_dir),
-        "format": 1,
+        "format": INTEGRITY_FORMAT,
+        "tokenizer_sha256": tok_hashes,
     }
     module.run_dir = run_dir
     if cfg.modality.get("sampler") is not None:
@@ -142,8 +159,12 @@ def train(cfg: DictConfig) -> dict:
     )
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
     finish_run(trainer, module, dm, run_dir)
-    if cfg.get("test_after_fit") and hasattr(dm, "test_dataloader"):
-        trainer.test(module, datamodule=dm, verbose=False)
+    test_missing = None
+    if cfg.get("test_after_fit"):
+        try:
+            trainer.test(module, datamodule=dm, verbose=False)
+        except MissingSplitError as e:  # reported in metrics.json, never replaced by another split
+            test_missing = str(e)
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     if trainer.is_global_zero:
@@ -151,6 +172,8 @@ def train(cfg: DictConfig) -> dict:
         metrics["command"] = os.environ.get("ARMODAL_COMMAND")
         if cfg.get("test_after_fit"):
             metrics["test"] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+            if test_missing:
+                metrics["test"] = {"missing": test_missing}
         tmp = metrics_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(metrics, indent=2))
         tmp.replace(metrics_path)

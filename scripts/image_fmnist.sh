@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-armodal-train experiment=image_fmnist_vq                      # -> runs/image_fmnist_vq/ (pinned folder)
+armodal-train experiment=image_fmnist_vq overwrite=true       # -> runs/image_fmnist_vq/ (pinned folder, replaced)
 armodal-eval ckpt=runs/image_fmnist_vq/checkpoints/last.ckpt   # PSNR, codebook usage, FD(recon) -> eval_metrics.json
 armodal-train experiment=image_fmnist_ar                      # -> runs/image_fmnist_ar/<time>/
 AR=$(ls -td runs/image_fmnist_ar/*/ | head -1)

@@ -165,14 +165,38 @@ def test_streaming_callback_seeded_determinism_and_parallel_samples():
     assert not torch.equal(generate(m, torch.tensor([[1, 2]]), seed=8, **kw).ids, a.ids)
 
 
+def _cfg_reference(m, cond, unc, scale, n):
+    """Greedy CFG written out: two separate uncached forwards per step, mixed as u + s (c - u)."""
+    seq = torch.zeros(cond.shape[0], 0, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(n):
+            ids = seq if seq.shape[1] else None
+            c, u = m(ids, prefix=cond)[:, -1], m(ids, prefix=unc)[:, -1]
+            seq = torch.cat([seq, (u + scale * (c - u)).argmax(-1, keepdim=True)], 1)
+    return seq
+
+
 def test_prefix_only_generation_and_cfg():
     m = model()
-    cond, unc = torch.randn(2, 1, 32), torch.randn(2, 1, 32)
-    base_u = generate(m, None, GREEDY, max_new_tokens=6, prefix=unc)
-    base_c = generate(m, None, GREEDY, max_new_tokens=6, prefix=cond)
-    s0 = generate(m, None, GREEDY, max_new_tokens=6, prefix=cond, uncond_prefix=unc, cfg_scale=0.0)
-    s1 = generate(m, None, GREEDY, max_new_tokens=6, prefix=cond, uncond_prefix=unc, cfg_scale=1.0)
-    assert torch.equal(s0.ids, base_u.ids) and torch.equal(s1.ids, base_c.ids)
+    torch.manual_seed(0)
+    cond, unc = torch.randn(3, 2, 32), torch.randn(3, 2, 32)
+    n = 8
+    base_u = generate(m, None, GREEDY, max_new_tokens=n, prefix=unc).ids
+    base_c = generate(m, None, GREEDY, max_new_tokens=n, prefix=cond).ids
+    assert torch.equal(base_u, _cfg_reference(m, cond, unc, 0.0, n))
+    assert torch.equal(base_c, _cfg_reference(m, cond, unc, 1.0, n))
+    # scale 0 runs the doubled batch: its conditional half must be ignored exactly
+    s0 = generate(m, None, GREEDY, max_new_tokens=n, prefix=cond, uncond_prefix=unc, cfg_scale=0.0).ids
+    s1 = generate(m, None, GREEDY, max_new_tokens=n, prefix=cond, uncond_prefix=unc, cfg_scale=1.0).ids
+    assert torch.equal(s0, base_u) and torch.equal(s1, base_c)
+    for scale in (0.5, 2.5, 4.0):  # the guidance path end to end, cached and uncached
+        ref = _cfg_reference(m, cond, unc, scale, n)
+        for use_cache in (True, False):
+            out = generate(m, None, GREEDY, max_new_tokens=n, prefix=cond, uncond_prefix=unc, cfg_scale=scale,
+                           use_cache=use_cache).ids
+            assert torch.equal(out, ref), (scale, use_cache)
+    guided = _cfg_reference(m, cond, unc, 4.0, n)
+    assert not torch.equal(guided, base_c) and not torch.equal(guided, base_u)  # guidance changes the tokens
     with pytest.raises(ValueError, match="cfg_scale=3.0 needs a conditional prefix and an unconditional one"):
         generate(m, None, GREEDY, max_new_tokens=6, prefix=cond, cfg_scale=3.0)
 
@@ -259,6 +283,41 @@ def test_beam_with_prefix_guidance_eos_and_early_stopping():
     a = generate(m, torch.tensor([[0]]), strategy="beam", num_beams=3, max_new_tokens=6, eos_id=2, early_stopping=True)
     b = generate(m, torch.tensor([[0]]), strategy="beam", num_beams=3, max_new_tokens=6, eos_id=2)
     assert a.ids.shape[0] == 1 and a.lengths[0] <= 7 and b.stats["scores"][0] >= a.stats["scores"][0] - 1e-6
+
+
+def _best_with_eos(m, ids, vocab, n, eos, length_penalty):
+    """Brute force over every continuation that stops at its first EOS or after n tokens:
+    argmax of sum log p / gen_len ** length_penalty."""
+    best, best_seq = -math.inf, None
+    with torch.no_grad():
+        for cont in itertools.product(range(vocab), repeat=n):
+            stop = cont.index(eos) + 1 if eos in cont else n
+            if eos in cont[: stop - 1] or (stop < n and any(c != 0 for c in cont[stop:])):
+                continue  # enumerate each stopped hypothesis once (tail fixed to 0)
+            seq = torch.cat([ids, torch.tensor([cont[:stop]])], 1)
+            logp = m(seq).log_softmax(-1)[0]
+            t0 = ids.shape[1]
+            score = sum(logp[t0 - 1 + i, cont[i]].item() for i in range(stop)) / stop**length_penalty
+            if score > best:
+                best, best_seq = score, seq
+    return best, best_seq
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_beam_search_with_eos_and_length_penalty_finds_brute_force_optimum(length_penalty):
+    """A beam wide enough to keep every hypothesis must return the exact optimum of the
+    length-normalised score, EOS-finished hypotheses included."""
+    m = model(vocab=4, seed=1)
+    ids, eos, n = torch.tensor([[0, 3]]), 2, 4
+    best, best_seq = _best_with_eos(m, ids, 4, n, eos, length_penalty)
+    other = _best_with_eos(m, ids, 4, n, eos, 1.0 - length_penalty)[1]
+    assert not torch.equal(best_seq, other)  # the penalty decides the winner on this model
+    out = generate(m, ids, strategy="beam", num_beams=64, max_new_tokens=n, eos_id=eos, length_penalty=length_penalty,
+                   pad_id=0)
+    assert out.lengths[0] == best_seq.shape[1]
+    assert torch.equal(out.ids[0, : out.lengths[0]], best_seq[0])
+    assert bool(out.finished[0]) == (best_seq[0, -1].item() == eos)
+    assert out.stats["scores"][0] == pytest.approx(best, abs=1e-4)
 
 
 # ----------------------------------------------------------------------------- speculative and lookahead

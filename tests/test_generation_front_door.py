@@ -14,7 +14,7 @@ from armodal.models import build_transformer
 def tokens_model(tmp_path, seed: int = 0) -> ARModel:
     from armodal.modalities.tokens import TokensDataModule, write_toy_corpus
 
-    write_toy_corpus(tmp_path / "toy", vocab_size=8, length=12, n_train=20, n_val=4)
+    write_toy_corpus(tmp_path / "toy", vocab_size=8, length=12, n_train=20)
     dm = TokensDataModule(str(tmp_path / "toy"), seq_len=16, batch_size=4)
     dm.setup("fit")
     torch.manual_seed(seed)

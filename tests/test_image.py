@@ -234,16 +234,36 @@ def test_image_folder_errors(tmp_path):
         prepare_fashion_mnist(tmp_path / "no_idx", tmp_path / "cache")
 
 
+def _banded(height: int, width: int, tall: bool) -> np.ndarray:
+    """Black ends, a white middle: the centre square of the image is all white, the ends are black."""
+    arr = np.zeros((height, width, 3), np.uint8)
+    if tall:
+        arr[(height - width) // 2 : (height + width) // 2] = 255
+    else:
+        arr[:, (width - height) // 2 : (width + height) // 2] = 255
+    return arr
+
+
 def test_image_folder_rgb_resize_crop(tmp_path):
+    """The short side is resized to image_size and the centre square kept: a squash to the square
+    (or a crop of one end) would bring the black ends in."""
     root = tmp_path / "rgb"
     _write_folder(root, per_class=3, size=40, mode="RGB")
-    Image.fromarray(np.zeros((50, 40, 3), np.uint8)).save(root / "cat" / "tall.png")  # non-square: crop
+    Image.fromarray(_banded(80, 40, tall=True)).save(root / "cat" / "tall.png")
+    Image.fromarray(_banded(40, 100, tall=False)).save(root / "dog" / "wide.png")
+    s = load_image_folder(root, channels=3, image_size=32)
+    assert s.images.shape == (11, 3, 32, 32)
+    tall, wide = s.images[3], s.images[7]  # files sort as 0, 1, 2, tall / wide within cat / dog
+    for img in (tall, wide):
+        assert (img[:, 1:-1, 1:-1] == 255).all(), img[0]  # inside the centre square (edges blur)
+    striped = s.images[0, 0]  # a square 40 px image only shrinks: its 8 px stripe becomes 6.4 px
+    assert (striped[:, 1:5] > 150).all() and (striped[:, 8:] < 100).all()
     dm = ImageDataModule(source="folder", root=str(root), channels=3, image_size=32, val_size=2, test_fraction=0.2,
                          batch_size=4)
     dm.prepare_data()
     dm.setup("fit")
     sizes = {k: len(v) for k, v in dm.splits.items()}
-    assert sum(sizes.values()) == 10 and sizes["val"] == 2 and sizes["test"] == 2
+    assert sum(sizes.values()) == 11 and sizes["val"] == 2 and sizes["test"] == 2
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (4, 3, 32, 32) and batch["image"].min() >= -1 and batch["image"].max() <= 1
 
@@ -259,15 +279,30 @@ def test_fashion_mnist_idx_gunzip_fixture(tmp_path):
             f.write(header + arr.astype(np.uint8).tobytes())
 
     rng = np.random.default_rng(0)
+    written = {}
     for split, n in (("train", 30), ("t10k", 10)):
-        idx(raw / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        idx(raw / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+        images = rng.integers(0, 256, (n, 28, 28)).astype(np.uint8)
+        images[:, 0, 0] = np.arange(n)  # the top-left pixel names the image
+        images[:, 27, 3] = 255 - np.arange(n)  # and an off-diagonal one: a transposed read would differ
+        labels = rng.permutation(np.arange(n) % 10).astype(np.uint8)
+        idx(raw / f"{split}-images-idx3-ubyte.gz", images)
+        idx(raw / f"{split}-labels-idx1-ubyte.gz", labels)
+        written[split] = (torch.from_numpy(images)[:, None], torch.from_numpy(labels).long())
     dm = ImageDataModule(source="fashion_mnist", root=str(raw), cache_dir=str(tmp_path / "cache"), val_size=5)
     dm.prepare_data()
     dm.setup()
-    assert (tmp_path / "cache" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()
+    assert len(list((tmp_path / "cache").glob("fashion_mnist-*/FashionMNIST/raw/train-images-idx3-ubyte"))) == 1
     assert {k: len(v) for k, v in dm.splits.items()} == {"train": 25, "val": 5, "test": 10}
     assert dm.class_names[9] == "Ankle boot"
+    test = dm.splits["test"]  # the t10k file, in file order
+    assert test.images.dtype == torch.uint8 and torch.equal(test.images, written["t10k"][0])
+    assert torch.equal(test.labels, written["t10k"][1])
+    # train + val: every written image exactly once, each with its own label
+    images = torch.cat([dm.splits["train"].images, dm.splits["val"].images])
+    labels = torch.cat([dm.splits["train"].labels, dm.splits["val"].labels])
+    order = images[:, 0, 0, 0].long()
+    assert sorted(order.tolist()) == list(range(30))
+    assert torch.equal(images, written["train"][0][order]) and torch.equal(labels, written["train"][1][order])
 
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

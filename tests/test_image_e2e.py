@@ -11,8 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-hydra = pytest.importorskip("hydra")
-
 
 def _fixture(root: Path, classes: int = 3, per_class: int = 12) -> None:
     rng = np.random.default_rng(0)
@@ -39,7 +37,7 @@ def test_image_two_stages_end_to_end(tmp_path, monkeypatch):
     from armodal.api import load
     from armodal.ar_model import ARModel
     from armodal.eval import evaluate
-    from armodal.modalities.image import VQImageTokenizer, sample_images
+    from armodal.modalities.image import ImageDataModule, VQImageTokenizer, sample_images
     from armodal.train import train
 
     monkeypatch.setenv("ARMODAL_CACHE", str(tmp_path / "cache"))
@@ -64,6 +62,8 @@ def test_image_two_stages_end_to_end(tmp_path, monkeypatch):
     assert (ar_dir / "tokenizer" / "vq.safetensors").is_file()  # the AR run is self-contained
     grids = sorted(ar_dir.glob("samples/*/grid.png"))
     assert grids, "the training callback wrote no sample grid"
+    assert Image.open(grids[-1]).size[1] > Image.open(grids[-1]).size[0]  # 3 class rows x 1 sample column
+    assert len(list(grids[-1].parent.glob("images/*.png"))) == 3
 
     model = load(ar_dir / "checkpoints" / "last.ckpt")
     assert isinstance(model, ARModel) and isinstance(model.tokenizer, VQImageTokenizer)
@@ -72,12 +72,30 @@ def test_image_two_stages_end_to_end(tmp_path, monkeypatch):
 
     out = tmp_path / "eval.json"
     m = evaluate(_compose("eval", [f"ckpt={ar_dir / 'checkpoints' / 'last.ckpt'}", f"out={out}",
-                                   "++evaluator.num_fid_samples=30", "++evaluator.clf_epochs=1",
+                                   "++evaluator.num_fid_samples=30", "++evaluator.clf_epochs=15",
                                    "++evaluator.batch_size=16"]))
     assert json.loads(out.read_text())["samples"]["n"] == 30
-    assert 0.0 <= m["samples"]["accuracy"] <= 1.0 and m["fd"]["samples_vs_test"] >= 0
-    assert m["nll"]["test"]["bits_per_image"] == pytest.approx(49 * m["nll"]["test"]["bits_per_token"])
-    assert 0 < m["vq"]["codebook_usage"] <= 1 and m["vq"]["test_psnr_db"] > 0
+    # 36 images: 9 test (0.25), 6 val, 21 train; the class prefix precedes the ids, so all 49 codes are targets
+    assert m["test"]["tokens"] == 9 * 49 and m["val"]["tokens"] == 6 * 49
+    # the image evaluator's bits per image are the headline test NLL over the 7 x 7 codes
+    assert m["nll"]["test"]["nats_per_token"] == pytest.approx(m["test"]["nll"])
+    assert m["nll"]["test"]["bits_per_image"] == pytest.approx(49 * m["test"]["nll"] / np.log(2))
+    # the bar's height is a perfect class cue: the evaluator's classifier must get every test image right,
+    # or its features (and every Fréchet distance) describe nothing
+    assert m["classifier"]["test_accuracy"] == 1.0 and m["classifier"]["train_images"] == 27
+    # sample accuracy: 10 per class, so the mean of the per-class rates, each a multiple of 1/10
+    per_class = m["samples"]["per_class_accuracy"]
+    assert len(per_class) == 3 and all(abs(10 * a - round(10 * a)) < 1e-9 for a in per_class)
+    assert m["samples"]["accuracy"] == pytest.approx(sum(per_class) / 3)
+    # VQ metrics, recomputed from the run's saved tokenizer on the same held-out images
+    test = ImageDataModule(source="folder", root=str(tmp_path / "imgs"), val_size=6, test_fraction=0.25)
+    test.setup()
+    real = test.splits["test"].images
+    ids = model.tokenizer.encode_batch(real)
+    recon = torch.stack([model.tokenizer.decode(row) for row in ids])
+    mse = ((recon.double() - real.double()) ** 2).flatten(1).mean(1)  # per image, in 8-bit units
+    assert m["vq"]["test_psnr_db"] == pytest.approx(float((10 * torch.log10(255.0**2 / mse)).mean()), abs=1e-3)
+    assert m["vq"]["codes_used"] == len(torch.unique(ids)) and m["vq"]["codebook_usage"] == len(torch.unique(ids)) / 32
 
     vq_metrics = evaluate(_compose("eval", [f"ckpt={vq_dir / 'checkpoints' / 'last.ckpt'}",
                                             f"out={tmp_path / 'vq_eval.json'}", "++evaluator.clf_epochs=1"]))

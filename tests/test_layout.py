@@ -109,7 +109,7 @@ def test_tokens_evaluator_on_a_model(tmp_path):
     from armodal.modalities.tokens import TokensDataModule, TokensEvaluator, write_toy_corpus
     from armodal.modalities.tokens.evaluate import sequence_stats
 
-    write_toy_corpus(tmp_path / "toy", vocab_size=8, length=12, n_train=40, n_val=8)
+    write_toy_corpus(tmp_path / "toy", vocab_size=8, length=12, n_train=40)
     dm = TokensDataModule(str(tmp_path / "toy"), seq_len=16, batch_size=4)
     dm.setup("fit")
     torch.manual_seed(0)
@@ -127,7 +127,7 @@ def test_tokens_evaluator_on_a_model(tmp_path):
 # ----------------------------------------------------------------------------- import arrows
 def test_import_armodal_loads_no_cli_module():
     code = ("import sys, armodal; armodal.ARModel; armodal.load; "
-            "bad = [m for m in ('armodal.train', 'armodal.generate', 'armodal.eval') if m in sys.modules]; "
+            "bad = [m for m in ('armodal.train', 'armodal.generate', 'armodal.eval', 'armodal.export') if m in sys.modules]; "
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT_DIR, check=True)
     assert out.stdout.strip() == "", f"importing armodal imported CLI modules: {out.stdout}"

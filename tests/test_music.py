@@ -409,6 +409,8 @@ def _bad_files(root: Path) -> dict[str, str]:
 
 def test_bad_files_are_skipped_with_a_named_warning_and_counted(tmp_path, capsys):
     expected = _bad_files(tmp_path / "midi")
+    for i in (1, 2):  # train, val and test each need a piece of their own
+        make_score(i).dump_midi(str(tmp_path / "midi" / f"good{i}.mid"))
     max_bytes = (tmp_path / "midi" / "huge.mid").stat().st_size - 1
     assert (tmp_path / "midi" / "good.mid").stat().st_size < max_bytes
     dm = MidiDataModule(str(tmp_path / "midi"), tokenizer={"kind": "remi"}, max_seq_len=64, max_bytes=max_bytes)
@@ -419,8 +421,8 @@ def test_bad_files_are_skipped_with_a_named_warning_and_counted(tmp_path, capsys
     assert len(msgs) == len(expected)
     for name, reason in expected.items():
         assert any(name in m and reason in m for m in msgs), (name, msgs)
-    assert f"skipped {len(expected)} of {len(expected) + 1} MIDI files" in capsys.readouterr().out
-    assert dm.names["train"] == ["good.mid"]
+    assert f"skipped {len(expected)} of {len(expected) + 3} MIDI files" in capsys.readouterr().out
+    assert sorted(sum(dm.names.values(), [])) == ["good.mid", "good1.mid", "good2.mid"]
 
 
 def test_bad_prompt_files_are_clear_errors(tmp_path):

@@ -13,8 +13,7 @@ import torch
 
 from armodal.modalities.music import JSBDataModule, load_jsb
 
-pytest.importorskip("hydra")
-from test_music import make_score, write_folder, write_jsb  # noqa: E402
+from test_music import make_score, write_folder, write_jsb
 
 SMALL_MODEL = ["model.d_model=32", "model.n_layer=1", "model.n_head=2"]
 SHRINK = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "logger=csv",

@@ -101,12 +101,23 @@ def test_compiled_step_gives_eager_tokens():
 
 
 def test_compile_step_eager_mode_is_uncompiled():
+    """``eager`` is the reference: no dynamo frame is ever traced, and it returns what the model returns."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     step = compile_step("eager")
     m = tiny()
+    ids = torch.tensor([[5, 7, 9]])
     m.setup_caches(1, 8)
-    out = step(m, torch.tensor([[5]]), None, torch.tensor([0]))
-    assert out.shape == (1, 1, 97)
+    outs = [step(m, ids[:, i : i + 1], None, torch.tensor([i])) for i in range(3)]
     m.clear_caches()
+    assert sum(counters["frames"].values()) == 0 and not counters["stats"]  # nothing compiled or traced
+    assert not isinstance(step.compiled, torch._dynamo.eval_frame.OptimizedModule)
+    assert not hasattr(step.compiled, "_torchdynamo_orig_callable")  # not a torch.compile wrapper either
+    with torch.no_grad():
+        ref = m(ids)  # uncached full forward
+    torch.testing.assert_close(torch.cat(outs, 1), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_weight_layout_keeps_values_and_trains():

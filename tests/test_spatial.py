@@ -200,11 +200,14 @@ def test_patch_is_centred_on_its_spot(tmp_path, size):
     patches, _ = extract_patches(a, size=size, unit="px", out_px=size)
     for p in patches:
         ys, xs = np.nonzero((p[..., 1] < 50))
-        assert len(ys) == 1
-        # the dot sits at the patch centre (within half a pixel for even sizes)
-        assert abs(xs[0] + 0.5 - size / 2) <= 0.5 and abs(ys[0] + 0.5 - size / 2) <= 0.5
-    boxes = patch_boxes(spots, size)
-    np.testing.assert_allclose((boxes[:, :2] + boxes[:, 2:]) / 2, spots + 0.5 * (size % 2 == 0) * 0 + (size % 2 == 1) * 0.5, atol=0.5)
+        # pixel i covers [i, i + 1): the dot's pixel is the centre one (odd size) or the first right of
+        # / below the centre line (even size) -- index size // 2 either way, exactly
+        assert xs.tolist() == [size // 2] and ys.tolist() == [size // 2]
+    # boxes [left, top, right, bottom]: left = floor(x - size / 2 + 0.5), worked out by hand
+    boxes = patch_boxes(np.array([[37.0, 52.0], [80.0, 20.0], [10.2, 5.7], [10.8, 5.2]]), size)
+    expected = {10: [[32, 47], [75, 15], [5, 1], [6, 0]], 11: [[32, 47], [75, 15], [5, 0], [5, 0]]}[size]
+    np.testing.assert_array_equal(boxes[:, :2], expected)
+    np.testing.assert_array_equal(boxes[:, 2:] - boxes[:, :2], size)
 
 
 def test_hed_round_trip():
@@ -339,9 +342,15 @@ def _compose(name: str, overrides: list[str]):
         return compose(config_name=name, overrides=overrides)
 
 
-@pytest.mark.slow  # ~2 min on an idle 2-core machine (SSL stage, train, eval with the ridge CV, generate)
-def test_tiny_end_to_end_cpu(tmp_path, monkeypatch):
-    """armodal-train / armodal-eval / armodal-generate on three synthetic her2st sections."""
+@pytest.mark.parametrize("variant", [
+    pytest.param("window", id="window-random-encoder"),
+    pytest.param("pixels", id="window-pixels-end-to-end"),
+    pytest.param("spot", id="spot-ssl", marks=pytest.mark.slow),  # ~2 min idle: the SSL stage
+])
+def test_tiny_end_to_end_cpu(tmp_path, monkeypatch, variant):
+    """armodal-train / armodal-eval / armodal-generate on three synthetic her2st sections: the default window
+    model (spatial AR, random-init encoder with Macenko normalisation: fast) and the per-spot model with the
+    SSL stage (slow)."""
     from armodal.api import load
     from armodal.ar_model import ARModel
     from armodal.eval import evaluate
@@ -358,29 +367,53 @@ def test_tiny_end_to_end_cpu(tmp_path, monkeypatch):
             "modality.data.panel=null", "modality.data.n_hvg=20", "modality.data.neighbours=2",
             "modality.data.tokenizer.n_levels=2", "modality.data.tokenizer.codebook_size=8",
             "modality.data.features.patch_size=100", "modality.data.features.patch_px=32",
-            "modality.data.features.ssl_epochs=1", "++modality.data.features.ssl_batch=16",
             "modality.data.features.n_views=2", "modality.data.val_fraction=0.2", "modality.data.batch_size=8"]
+    if variant in ("window", "pixels"):
+        for img_path in (root / "ST-imgs").glob("**/*.jpg"):  # H&E-like colours (purple tissue, darker to the right)
+            h, w = np.asarray(Image.open(img_path)).shape[:2]
+            ramp = np.broadcast_to(np.linspace(1.0, 0.55, w)[None, :, None], (h, w, 1))
+            Image.fromarray((np.array([200.0, 150.0, 215.0]) * ramp).astype(np.uint8)).save(img_path, quality=95)
+        data += ["modality.data.features.weights=random", "modality.data.features.stain_norm=macenko",
+                 "modality.data.window_size=8", "modality.data.order=hilbert"]
+        if variant == "pixels":
+            data += ["modality.data.inputs=pixels", "modality.conditioner.pixels=true", "modality.conditioner.pixel_width=8"]
+    else:
+        data += ["modality.data.sequence=spot", "modality.data.features.ssl_epochs=1", "++modality.data.features.ssl_batch=16"]
     train(_compose("train", ["experiment=spatial_her2st", *data, f"run_dir={run}", "model.d_model=32", "model.n_layer=2",
                              "model.n_head=2", "trainer.max_steps=4", "trainer.val_check_interval=2", "logger=csv"]))
     ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
-    assert list((tmp_path / "cache" / "spatial").glob("resnet18-ssl-*/backbone.pt")), "SSL backbone not cached"
-    assert len(list((tmp_path / "cache" / "spatial").glob("resnet18-ssl-*/*.pt"))) == 4  # backbone + 3 sections
+    cache = tmp_path / "cache" / "spatial"
+    if variant == "spot":
+        assert list(cache.glob("resnet18-ssl-*/backbone.pt")), "SSL backbone not cached"
+    assert len(list(cache.glob("resnet18-*/feats-*/*.pt"))) == 3  # one feature file per section
+    assert (run / "tokenizer" / "encoder.json").is_file() and (run / "tokenizer" / "encoder.safetensors").is_file()
     model = load(ckpt)
     assert isinstance(model, ARModel) and isinstance(model.tokenizer, RVQExpressionTokenizer)
+    assert (model.tokenizer.window_radius is not None) == (variant != "spot")
+    assert model.conditioner.pixels == (variant == "pixels")
 
-    m = evaluate(_compose("eval", [f"ckpt={ckpt}", f"out={tmp_path / 'eval' / 'm.json'}", "num_samples=8"]))
-    for k in ("ar_pcc_mean", "ar_pcc_median", "ar_pcc_mean_hvg50", "ridge_pcc_mean", "ar_coverage90"):
+    m = evaluate(_compose("eval", [f"ckpt={ckpt}", f"out={tmp_path / 'eval' / 'm.json'}", "num_samples=8",
+                                   "+evaluator.robustness=[medium]"]))
+    for k in ("ar_pcc_mean", "ar_pcc_median", "ar_pcc_mean_hvg50", "ridge_pcc_mean", "ar_coverage90", "ar_moran_ratio",
+              "ar_generated_moran_ratio", "ridge_moran_ratio", "ar_pcc_stain_medium", "ar_stain_drop_medium"):
         assert np.isfinite(m[k]), k
     assert 0 <= m["ar_coverage90"] <= 1 and m["n_genes"] == 20 and m["n_spots"] == 36
+    assert m["sequence"]["sequence"] == ("spot" if variant == "spot" else "window") and np.isfinite(m["test"]["nll"])
     pred = ad.read_h5ad(m["h5ad"])
-    assert pred.shape == (36, 20) and {"std", "q05", "q95", "measured", "ridge"} <= set(pred.layers)
+    assert pred.shape == (36, 20) and {"std", "q05", "q95", "measured", "ridge", "generated"} <= set(pred.layers)
     assert (pred.layers["std"] >= 0).all() and (pred.layers["q05"] <= pred.layers["q95"] + 1e-6).all()
     assert Path(m["images"][0]).stat().st_size > 1000
 
     s = generate(_compose("generate", route_overrides([f"ckpt={ckpt}", "num_samples=4", f"out_dir={tmp_path / 'gen'}", "section=B"])))
     assert s["section"] == "B" and s["num_samples"] == 4 and Path(s["images"][0]).is_file()
     assert ad.read_h5ad(s["h5ad"]).n_obs == 36
+    # a new slide without counts, through the saved encoder: the same image with a grid over the tissue
+    img = next((root / "ST-imgs").glob("**/B/*.jpg"))
+    s = generate(_compose("generate", [f"ckpt={ckpt}", "num_samples=4", f"out_dir={tmp_path / 'new'}",
+                                       f"+sampler.image={img}", "+sampler.spots=grid", "+sampler.spot_um=200",
+                                       "+sampler.um_per_px=5"]))
+    assert ad.read_h5ad(s["h5ad"]).n_obs == s["n_spots"] > 10 and Path(s["images"][0]).is_file()
 
 
 # ----------------------------------------------------------------------------- real data

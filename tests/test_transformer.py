@@ -65,7 +65,13 @@ def test_types_stream_changes_logits_and_requires_num_types():
 def test_tied_embeddings_and_sequence_limit():
     m = tiny()
     assert m.lm_head.weight is m.tok_emb.weight
-    assert tiny(tie_embeddings=False).lm_head.weight is not tiny(tie_embeddings=False).tok_emb.weight
+    untied = tiny(tie_embeddings=False)
+    assert untied.lm_head.weight is not untied.tok_emb.weight
+    assert untied.num_params() == m.num_params() + 40 * 64  # one more [V, D] matrix, counted once each
+    with torch.no_grad():  # tied: writing the output projection writes the input embedding too
+        m.lm_head.weight[0].zero_()
+        untied.lm_head.weight[0].zero_()
+    assert not m.tok_emb.weight[0].any() and untied.tok_emb.weight[0].any()
     with pytest.raises(ValueError, match="max_seq_len"):
         m(torch.zeros(1, 129, dtype=torch.long))
 

@@ -51,6 +51,7 @@ __all__ = [
     "Tokenizer",
     "Conditioner",
     "Sampler",
+    "MissingSplitError",
     "load_tokenizer",
     "TokenizerFileError",
     "TOKENIZER_FILE",
@@ -238,6 +239,14 @@ class Conditioner(nn.Module):
 
     def uncond(self, cond: Any) -> torch.Tensor:
         raise TypeError(f"{type(self).__name__} has no unconditional prefix (no CFG support)")
+
+
+class MissingSplitError(LookupError):
+    """A datamodule has no such split (e.g. no test data); the message says why.
+
+    ``test_dataloader()`` raises it instead of handing out another split's data;
+    ``armodal-eval`` reports the reason in place of the missing metrics.
+    """
 
 
 class Sampler(ABC):

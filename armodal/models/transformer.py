@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from armodal.models.kv_cache import KVCache
+from armodal.utils.safety import constructible
 
 __all__ = ["TransformerConfig", "Transformer", "build_transformer"]
 
@@ -279,6 +280,7 @@ class Transformer(nn.Module):
         return n
 
 
+@constructible
 def build_transformer(**kwargs) -> Transformer:
     """Hydra entry point: flat config keys -> :class:`Transformer`."""
     return Transformer(TransformerConfig(**kwargs))

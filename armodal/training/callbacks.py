@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import traceback
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -14,6 +15,8 @@ from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
 from armodal.ar_model import ARModel
 from armodal.modalities.base import OUTPUT_KINDS
+from armodal.training.checkpoint import BestCheckpoint
+from armodal.utils.safety import constructible
 
 __all__ = [
     "last_checkpoint",
@@ -29,6 +32,7 @@ __all__ = [
 ]
 
 
+@constructible
 def last_checkpoint(dirpath: str, every_n_train_steps: int = 200) -> ModelCheckpoint:
     """``last.ckpt`` every N steps and at the end of training (what ``resume=true`` restarts from)."""
     return ModelCheckpoint(
@@ -37,14 +41,16 @@ def last_checkpoint(dirpath: str, every_n_train_steps: int = 200) -> ModelCheckp
     )
 
 
+@constructible
 def best_checkpoint(dirpath: str, monitor: str = "val/nll", mode: str = "min") -> ModelCheckpoint:
-    """``best.ckpt``: the checkpoint with the best monitored validation metric."""
-    return ModelCheckpoint(
+    """``best.ckpt``: the checkpoint with the best monitored validation metric (only ever replaced by a better one)."""
+    return BestCheckpoint(
         dirpath=dirpath, filename="best", monitor=monitor, mode=mode, save_top_k=1, auto_insert_metric_name=False,
         enable_version_counter=False,
     )
 
 
+@constructible
 def early_stopping(monitor: str = "val/nll", patience: int = 2, mode: str = "min", min_delta: float = 0.0) -> EarlyStopping:
     """Stop after ``patience`` validations in a row without a better ``monitor`` (each validation
     counts once, also with a step-based ``val_check_interval``); ``best.ckpt`` keeps the best one."""
@@ -52,10 +58,12 @@ def early_stopping(monitor: str = "val/nll", patience: int = 2, mode: str = "min
                          check_on_train_epoch_end=False, verbose=True)
 
 
+@constructible
 def progress_bar(refresh_rate: int = 10) -> TQDMProgressBar:
     return TQDMProgressBar(refresh_rate=refresh_rate)
 
 
+@constructible
 def lr_monitor() -> LearningRateMonitor:
     return LearningRateMonitor(logging_interval="step")
 
@@ -73,11 +81,19 @@ def _scalars(metrics: dict) -> dict:
 class SampleCallback(pl.Callback):
     """At validation, ask the modality's sampler to render a few samples to files, then log every file it
     declares (:data:`~armodal.modalities.base.OUTPUT_KINDS`): images, audio and text to TensorBoard, and
-    every kind to ``samples/samples.csv`` in the run folder (step, kind, path).  No modality-specific code."""
+    every kind to ``samples/samples.csv`` in the run folder (step, kind, path).  No modality-specific code.
+
+    ``on_error``: what a sampler exception does.  ``"raise"`` (default) stops the run with the
+    sampler's error: a broken sampler shows at the first validation, and ``resume=true`` continues
+    from ``last.ckpt`` once it is fixed.  ``"warn"`` trains on: the traceback goes to
+    ``samples/step_N/error.txt`` and a warning names it.
+    """
 
     def __init__(self, num_samples: int = 4, every_n_val: int = 1, enabled: bool = True, max_logged: int = 8,
-                 **sampler_overrides) -> None:
-        self.num_samples, self.every_n_val, self.enabled = num_samples, every_n_val, enabled
+                 on_error: str = "raise", **sampler_overrides) -> None:
+        if on_error not in ("raise", "warn"):
+            raise ValueError(f"callbacks.samples.on_error must be 'raise' or 'warn', got {on_error!r}")
+        self.num_samples, self.every_n_val, self.enabled, self.on_error = num_samples, every_n_val, enabled, on_error
         self.max_logged = max_logged
         self.overrides = sampler_overrides
         self._n = 0
@@ -96,8 +112,14 @@ class SampleCallback(pl.Callback):
         pl_module.eval()
         try:
             summary = pl_module.sampler(model, self.num_samples, out_dir, **self.overrides)
-        except Exception as e:  # noqa: BLE001 - a sampler bug must not kill a long training run
-            rank_zero_warn(f"[armodal] sampling at step {trainer.global_step} failed: {type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001 - every failure is raised or written down, never dropped
+            what = f"[armodal] sampling at step {trainer.global_step} failed ({type(e).__name__}: {e})"
+            if self.on_error == "raise":
+                raise RuntimeError(f"{what}; fix the sampler or its settings and resume (resume=true), or set "
+                                   "callbacks.samples.on_error=warn to train on without samples") from e
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "error.txt").write_text(traceback.format_exc())
+            rank_zero_warn(f"{what}; traceback in {out_dir / 'error.txt'}")
             return
         finally:
             pl_module.train(was_training)
@@ -181,9 +203,13 @@ class MetricsJSON(pl.Callback):
         self.best: dict = {}
         self._t0 = None
         self._tokens = 0.0
+        self._start_step = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._t0 = time.time()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start_step = trainer.global_step  # after a resume: the restored step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if isinstance(batch, dict) and "ids" in batch:
@@ -209,6 +235,8 @@ class MetricsJSON(pl.Callback):
             "experiment": pl_module.armodal_meta.get("name") if hasattr(pl_module, "armodal_meta") else None,
             "modality": pl_module.armodal_meta.get("modality") if hasattr(pl_module, "armodal_meta") else None,
             "global_step": trainer.global_step,
+            "session_start_step": self._start_step,  # 0 for a fresh run, the restored step after a resume
+            "world_size": trainer.world_size,
             "epoch": trainer.current_epoch,
             "num_params": getattr(pl_module, "num_params", None),
             "final": _scalars(trainer.callback_metrics),

@@ -12,6 +12,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
 from armodal.training.loss import batch_nll
+from armodal.training.resume import rng_states, set_rng_states
 
 __all__ = ["ARLitModule"]
 
@@ -78,13 +79,17 @@ class ARLitModule(pl.LightningModule):
         self.log("train/tokens", n, reduce_fx="sum", batch_size=bs)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The optimizer step, then the EMA update, both before any ``on_train_batch_end`` callback:
+        a checkpoint saved at step t (``last.ckpt`` every N steps) holds the EMA of step t.  Runs once
+        per optimizer step, also with gradient accumulation."""
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             with torch.no_grad():
                 src = dict(self.net.named_parameters(prefix="net"))
                 if self.conditioner is not None:
                     src.update(self.conditioner.named_parameters(prefix="conditioner"))
-                t = self.global_step
+                t = self.global_step + 1  # this step (Lightning counts it once the hook returns)
                 decay = min(self.ema_decay, (1 + t) / (10 + t))  # warm-up: early EMA tracks the weights closely
                 for name, p in self.ema.named_parameters():
                     p.lerp_(src[name].detach().to(p.dtype), 1.0 - decay)
@@ -131,3 +136,8 @@ class ARLitModule(pl.LightningModule):
     # -- checkpoints --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["armodal"] = self.armodal_meta
+        checkpoint["rng_states"] = rng_states()  # dropout etc. continue as in an uninterrupted run
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_states" in checkpoint:
+            set_rng_states(checkpoint["rng_states"])

@@ -7,6 +7,8 @@ from typing import Iterable
 
 import torch
 
+from armodal.utils.safety import constructible
+
 __all__ = ["adamw", "warmup_cosine", "param_groups"]
 
 
@@ -20,6 +22,7 @@ def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], weight_
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+@constructible
 def adamw(
     params,
     lr: float = 3e-4,
@@ -41,6 +44,7 @@ def adamw(
     return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps, fused=fused)
 
 
+@constructible
 def warmup_cosine(
     optimizer: torch.optim.Optimizer, warmup_steps: int = 100, total_steps: int = 10_000, min_lr_ratio: float = 0.1
 ) -> torch.optim.lr_scheduler.LambdaLR:

@@ -46,6 +46,7 @@ __all__ = [
     "modalities",
     "import_builtin_modalities",
     "is_registered_target",
+    "registered_object",
 ]
 
 KINDS = ("tokenizer", "datamodule", "conditioner", "sampler", "evaluator")
@@ -176,8 +177,8 @@ def modalities(builtins: bool = True) -> list[str]:
     return sorted({n.split(".", 1)[0] for table in _TABLE.values() for n in table})
 
 
-def is_registered_target(target: Any) -> bool:
-    """Whether a dotted ``_target_`` names a registered part, without importing anything.
+def registered_object(target: Any) -> Any | None:
+    """The registered part a dotted ``_target_`` names (None if it names none), without importing anything.
 
     The path is followed only through modules already imported (``sys.modules``) and their
     attributes, so a saved config cannot make this import code; a plugin's parts count once
@@ -185,7 +186,7 @@ def is_registered_target(target: Any) -> bool:
     (``pkg.data.ToyDataModule``) and a re-export (``pkg.ToyDataModule``) are accepted.
     """
     if not isinstance(target, str) or not target:
-        return False
+        return None
     parts = target.split(".")
     for i in range(len(parts) - 1, 0, -1):
         module = sys.modules.get(".".join(parts[:i]))
@@ -193,8 +194,15 @@ def is_registered_target(target: Any) -> bool:
             continue
         obj: Any = module
         for attr in parts[i:]:
+            if attr.startswith("__"):
+                return None
             obj = getattr(obj, attr, None)
             if obj is None:
-                return False
-        return any(id(obj) == key[1] for key in _PRIMARY)
-    return False
+                return None
+        return obj if any(id(obj) == key[1] for key in _PRIMARY) else None
+    return None
+
+
+def is_registered_target(target: Any) -> bool:
+    """Whether a dotted ``_target_`` names a registered part (see :func:`registered_object`)."""
+    return registered_object(target) is not None

@@ -20,7 +20,7 @@ def representable(tok, item):
 
 
 def datamodules(tmp):
-    write_toy_corpus(tmp / "toy", vocab_size=8, length=20, n_train=24, n_val=6)
+    write_toy_corpus(tmp / "toy", vocab_size=8, length=20, n_train=24)
     return {"tokens": TokensDataModule(str(tmp / "toy"), seq_len=16, batch_size=4)}
 
 

@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import logging
 import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from armodal.modalities.base import register_datamodule
+from armodal.utils.cache import atomic_write, content_key, is_complete, mark_complete, writable_dir
+from armodal.training.resume import ResumableLoader
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -59,34 +62,34 @@ class ImageSet:
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
 def prepare_fashion_mnist(raw_dir: str | Path, cache_dir: str | Path) -> Path:
-    """Gunzip the Debian package's IDX files into ``cache_dir/FashionMNIST/raw`` (once).
+    """Gunzip the Debian package's IDX files into ``cache_dir/fashion_mnist-<key>/FashionMNIST/raw`` (once).
 
-    Returns the torchvision root (``cache_dir``).  No network access.
+    ``key`` covers the folder and every source file's size, mtime and SHA-256, so other or
+    replaced files never reuse a stale copy; the copy is used only once complete.  A read-only
+    cache: a warning, then a temporary folder.  Returns the torchvision root.  No network access.
     """
-    raw_dir, cache_dir = Path(raw_dir), Path(cache_dir)
-    out = cache_dir / "FashionMNIST" / "raw"
-    missing = [f for f in _FMNIST_FILES if not (raw_dir / f"{f}.gz").is_file() and not (raw_dir / f).is_file()]
+    raw_dir = Path(raw_dir)
+    srcs = [raw_dir / f"{f}.gz" if (raw_dir / f"{f}.gz").is_file() else raw_dir / f for f in _FMNIST_FILES]
+    missing = [f for f, src in zip(_FMNIST_FILES, srcs) if not src.is_file()]
     if missing:
-        if all((out / f).is_file() for f in _FMNIST_FILES):
-            return cache_dir
         raise FileNotFoundError(
             f"Fashion-MNIST IDX files not found in {raw_dir} (missing {missing}); install the Debian "
             "package with `apt-get install dataset-fashion-mnist` or set modality.data.root to a copy"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    for f in _FMNIST_FILES:
-        dst = out / f
-        if dst.is_file():
-            continue
-        src_gz, src = raw_dir / f"{f}.gz", raw_dir / f
-        tmp = dst.with_suffix(".tmp")
-        if src_gz.is_file():
-            with gzip.open(src_gz, "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-        else:
-            shutil.copyfile(src, tmp)
-        tmp.replace(dst)
-    return cache_dir
+    base = writable_dir(cache_dir, "cache")
+    if base is None:
+        base = Path(tempfile.mkdtemp(prefix="armodal-fmnist-"))
+    root = base / f"fashion_mnist-{content_key(raw_dir, srcs)}"
+    out = root / "FashionMNIST" / "raw"
+    if not is_complete(out):
+        for f, src in zip(_FMNIST_FILES, srcs):
+            def write(tmp: Path, src: Path = src) -> None:
+                with (gzip.open(src, "rb") if src.suffix == ".gz" else open(src, "rb")) as fin, open(tmp, "wb") as fout:
+                    shutil.copyfileobj(fin, fout)
+
+            atomic_write(out / f, write)
+        mark_complete(out, source=str(raw_dir))
+    return root
 
 
 def load_fashion_mnist(raw_dir: str | Path, cache_dir: str | Path, train: bool) -> ImageSet:
@@ -313,8 +316,9 @@ class ImageDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
-        return DataLoader(self._dataset(split), batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, drop_last=shuffle and len(self.splits[split]) > self.batch_size)
+        loader = ResumableLoader if split == "train" else DataLoader  # train: resumes mid-epoch exactly
+        return loader(self._dataset(split), batch_size=self.batch_size, shuffle=shuffle,
+                      num_workers=self.num_workers, drop_last=shuffle and len(self.splits[split]) > self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)
@@ -355,23 +359,28 @@ class ImageCodesDataModule(ImageDataModule):
         vq = load_vq(self.vq_ckpt)
         s = self.splits["train"]
         self.tokenizer = VQImageTokenizer(vq, image_size=tuple(s.images.shape[-2:]), class_names=s.class_names)
-        key = self._cache_key(vq)
-        path = self.cache_dir / "image_codes" / f"{key}.pt"
-        if path.is_file():
-            self.codes = torch.load(path, weights_only=True)
-            log.info("loaded cached code grids from %s", path)
-            return
+        base = writable_dir(self.cache_dir / "image_codes", "cache")  # read-only: warn, run without the cache
+        path = base / f"{self._cache_key(vq)}.pt" if base is not None else None
+        if path is not None and path.is_file():
+            try:
+                self.codes = torch.load(path, weights_only=True)
+            except Exception as e:  # noqa: BLE001 - a damaged entry is recomputed
+                log.warning("%s: unreadable code cache (%s); re-encoding", path, type(e).__name__)
+            else:
+                log.info("loaded cached code grids from %s", path)
+                return
         codes = {}
         for split, data in self.splits.items():
             codes[split] = torch.cat([
                 self.tokenizer.encode_batch(data.images[i:i + self.encode_batch_size])
                 for i in range(0, len(data), self.encode_batch_size)
             ]).to(torch.int32)  # [N, h*w]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(codes, tmp)
-        tmp.replace(path)
-        log.info("cached code grids at %s", path)
+        if path is not None:
+            try:
+                atomic_write(path, lambda tmp: torch.save(codes, tmp))
+                log.info("cached code grids at %s", path)
+            except OSError as e:
+                log.warning("%s: could not write the code cache (%s); continuing without it", path, e)
         self.codes = codes
 
     def _cache_key(self, vq) -> str:
@@ -380,9 +389,10 @@ class ImageCodesDataModule(ImageDataModule):
             h.update(k.encode())
             h.update(v.detach().cpu().numpy().tobytes())
         s = self.splits
-        for split in ("train", "val", "test"):
+        for split in ("train", "val", "test"):  # every image and label: a replaced image changes the key
             h.update(str(len(s[split])).encode())
-            h.update(s[split].images[:64].numpy().tobytes())
+            h.update(s[split].images.contiguous().numpy().tobytes())
+            h.update(s[split].labels.contiguous().numpy().tobytes())
         h.update(f"{self.source}:{self.root.resolve()}:{self.seed}:{self.val_size}".encode())
         return h.hexdigest()[:16]
 

@@ -37,8 +37,10 @@ from armodal.generation import GenerationConfig
 from armodal.modalities.base import register_evaluator
 from armodal.modalities.image.data import ImageDataModule, ImageSet
 from armodal.modalities.image.tokenizer import to_uint8
+from armodal.utils.cache import atomic_write, writable_dir
 
-__all__ = ["ImageEvaluator", "FMNISTClassifier", "frechet_distance", "get_classifier", "classifier_features"]
+__all__ = ["ImageEvaluator", "FMNISTClassifier", "MetricUnavailable", "frechet_distance", "get_classifier",
+           "classifier_features"]
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +76,15 @@ def get_classifier(train: ImageSet, test: ImageSet, cache_dir: str | Path, epoch
     from safetensors.torch import load_file, save_file
 
     c, h, _ = train.images.shape[1:]
-    key = hashlib.sha1(
-        f"v1:{len(train)}:{len(test)}:{epochs}:{seed}:{batch_size}:{c}x{h}".encode()
-        + train.images[:256].numpy().tobytes()
-    ).hexdigest()[:12]
-    d = Path(cache_dir) / "image_eval"
-    w, meta = d / f"classifier_{key}.safetensors", d / f"classifier_{key}.json"
+    key = hashlib.sha1(f"v1:{len(train)}:{len(test)}:{epochs}:{seed}:{batch_size}:{c}x{h}".encode())
+    for part in (train.images, train.labels, test.images, test.labels):  # every image: a replaced one changes it
+        key.update(part.contiguous().numpy().tobytes())
+    key = key.hexdigest()[:12]
+    d = writable_dir(Path(cache_dir) / "image_eval", "cache")  # read-only: warn, train without caching
+    w = d / f"classifier_{key}.safetensors" if d is not None else None
+    meta = d / f"classifier_{key}.json" if d is not None else None
     model = FMNISTClassifier(c, len(train.class_names), h)
-    if w.is_file() and meta.is_file():
+    if w is not None and w.is_file() and meta.is_file():
         model.load_state_dict(load_file(str(w)))
         return model.eval(), json.loads(meta.read_text())
     log.info("training the evaluation classifier (%d images, %d epochs) -> %s", len(train), epochs, w)
@@ -104,9 +107,9 @@ def get_classifier(train: ImageSet, test: ImageSet, cache_dir: str | Path, epoch
     acc = float((predict(model, test.images) == test.labels).float().mean())
     info = {"test_accuracy": acc, "epochs": epochs, "train_images": len(train), "seed": seed,
             "train_seconds": round(time.time() - t0, 1), "feature_layer": "fc 128-d ReLU (penultimate)"}
-    d.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(w))
-    meta.write_text(json.dumps(info, indent=2))
+    if d is not None:
+        atomic_write(meta, lambda tmp: tmp.write_text(json.dumps(info, indent=2)))
+        atomic_write(w, lambda tmp: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp)))
     return model, info
 
 
@@ -125,18 +128,43 @@ def predict(model: FMNISTClassifier, images: torch.Tensor) -> torch.Tensor:
     return classifier_features(model, images)[1]
 
 
+class MetricUnavailable(ValueError):
+    """A metric that cannot be computed on this data (e.g. a tiny folder); the message says why."""
+
+
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to feature sets a [N, D] and b [M, D]."""
+    """Fréchet distance between Gaussians fitted to feature sets a [N, D] and b [M, D].
+
+    Raises :class:`MetricUnavailable` (with the reason) when it cannot be computed: fewer than
+    2 vectors in a set, non-finite features, or a matrix square root that fails."""
     from scipy import linalg
 
+    if len(a) < 2 or len(b) < 2:
+        raise MetricUnavailable(f"Fréchet distance needs at least 2 images per set (got {len(a)} and {len(b)})")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise MetricUnavailable("Fréchet distance: non-finite classifier features")
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     eps = 1e-6 * np.eye(s1.shape[0])  # keeps the product well conditioned (as the reference FID code does)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
-    covmean = covmean.real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", linalg.LinAlgWarning)
+            covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
+    except (linalg.LinAlgError, ValueError) as e:
+        raise MetricUnavailable(f"Fréchet distance: the matrix square root failed ({e})") from None
+    out = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real))
+    if not np.isfinite(out):
+        raise MetricUnavailable(f"Fréchet distance is not finite on these {len(a)} and {len(b)} images")
+    return out
+
+
+def _fd(a: np.ndarray, b: np.ndarray, name: str, unavailable: dict) -> float | None:
+    """The Fréchet distance, or None with the reason recorded under ``unavailable[name]``."""
+    try:
+        return frechet_distance(a, b)
+    except MetricUnavailable as e:
+        unavailable[name] = str(e)
+        return None
 
 
 # ----------------------------------------------------------------------------- evaluator
@@ -186,6 +214,7 @@ class ImageEvaluator:
         t0 = time.time()
         clf, clf_info = get_classifier(real_train, test, self.cache_dir, self.clf_epochs, self.seed)
         metrics: dict = {"classifier": clf_info}
+        unavailable: dict = {}  # metric -> why it could not be computed (tiny data)
         vq = model.tokenizer.vq if isinstance(model, ARModel) else model.vq
         vq = vq.eval()
 
@@ -209,24 +238,27 @@ class ImageEvaluator:
         recon_sub, _ = _reconstruct(vq, sub.images)
         f_recon, p_recon = classifier_features(clf, recon_sub)
         metrics["classifier"]["test_accuracy_check"] = float((p_test == test.labels).double().mean())
-        metrics["fd"] = {"train_vs_test": frechet_distance(f_train, f_test),
-                         "recon_vs_test": frechet_distance(f_recon, f_test)}
+        metrics["fd"] = {"train_vs_test": _fd(f_train, f_test, "fd.train_vs_test", unavailable),
+                         "recon_vs_test": _fd(f_recon, f_test, "fd.recon_vs_test", unavailable)}
         metrics["recon_accuracy"] = float((p_recon == sub.labels).double().mean())
         save_grid_rows(sub, recon_sub, out_dir / "recon_grid.png")
         metrics["recon_grid"] = str(out_dir / "recon_grid.png")
 
         if isinstance(model, ARModel):
-            ar = self._ar_metrics(model, datamodule, clf, f_test, out_dir, config or self.generation)
+            ar = self._ar_metrics(model, datamodule, clf, f_test, out_dir, config or self.generation, unavailable)
             metrics["fd"].update(ar.pop("fd"))
             metrics.update(ar)
             metrics["targets"] = {
                 "accuracy_cfg_ge_0.90": metrics["samples"]["accuracy"] >= 0.90,
-                "fd_samples_le_2x_recon": metrics["fd"]["samples_vs_test"] <= 2 * metrics["fd"]["recon_vs_test"],
+                "fd_samples_le_2x_recon": None if None in (metrics["fd"]["samples_vs_test"], metrics["fd"]["recon_vs_test"])
+                else metrics["fd"]["samples_vs_test"] <= 2 * metrics["fd"]["recon_vs_test"],
             }
+        if unavailable:
+            metrics["unavailable"] = unavailable
         metrics["eval_seconds"] = round(time.time() - t0, 1)
         return metrics
 
-    def _ar_metrics(self, model, dm, clf, f_test, out_dir: Path, config: GenerationConfig) -> dict:
+    def _ar_metrics(self, model, dm, clf, f_test, out_dir: Path, config: GenerationConfig, unavailable: dict) -> dict:
         from armodal.training.loss import dataset_nll
         from armodal.modalities.image.sampler import sample_images, save_grid
 
@@ -247,7 +279,7 @@ class ImageEvaluator:
                           "accuracy": float((pred == labels).double().mean()),
                           "per_class_accuracy": [float((pred[labels == c] == c).double().mean()) for c in range(n_cls)],
                           "sampling_seconds": round(dt, 1)}
-        out["fd"] = {"samples_vs_test": frechet_distance(f_s, f_test)}
+        out["fd"] = {"samples_vs_test": _fd(f_s, f_test, "fd.samples_vs_test", unavailable)}
         idx = torch.cat([torch.nonzero(labels == c).flatten()[:10] for c in range(n_cls)])
         out["samples"]["grid"] = str(save_grid(imgs[idx], out_dir / "eval_samples_grid.png", nrow=10))
         for scale in self.extra_cfg_scales:  # a smaller sweep over guidance scales
@@ -258,7 +290,7 @@ class ImageEvaluator:
             f_x, pred_x = classifier_features(clf, imgs_x)
             out.setdefault("cfg_sweep", []).append({
                 "cfg_scale": scale, "n": len(lab_x), "accuracy": float((pred_x == lab_x).double().mean()),
-                "fd_vs_test": frechet_distance(f_x, f_test),
+                "fd_vs_test": _fd(f_x, f_test, f"cfg_sweep[{scale}].fd_vs_test", unavailable),
             })
         return out
 

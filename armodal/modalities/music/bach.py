@@ -14,7 +14,7 @@ SCORE_SUFFIXES = {".mxl", ".xml", ".musicxml", ".krn"}  # scores; the .rntxt fil
 def convert_bach_chorales(out_dir: str | Path, limit: int | None = None, verbose: bool = True) -> tuple[int, list[str]]:
     """Write every Bach chorale of music21's corpus as ``<corpus name>.mid`` (one track per part).
 
-    Existing files are kept (the conversion resumes).  Returns (files present,
+    Existing files are kept (the conversion resumes; each file is written atomically).  Returns (files present,
     skipped "path: reason" lines); pieces music21 cannot parse or write, or with
     fewer than 2 parts, are skipped and listed.
     """
@@ -42,7 +42,9 @@ def convert_bach_chorales(out_dir: str | Path, limit: int | None = None, verbose
                 if len(score.parts) < 2:  # not a chorale setting (a single line)
                     failed.append(f"{p}: {len(score.parts)} part(s)")
                     continue
-                score.write("midi", fp=str(target))
+                tmp = target.with_name(f".{target.name}.tmp")  # a killed write never leaves a half file
+                score.write("midi", fp=str(tmp))
+                tmp.replace(target)
             written += 1
         except Exception as e:  # noqa: BLE001 - report and keep going
             failed.append(f"{p}: {type(e).__name__}: {e}")

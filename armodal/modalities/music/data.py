@@ -17,8 +17,8 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -33,6 +33,9 @@ from armodal.modalities.base import register_datamodule
 from armodal.modalities.music.grid import NUM_VOICES, transpose_grid
 from armodal.modalities.music.midi_io import DEFAULT_MAX_BYTES, MIDI_SUFFIXES, BadMidiError, read_midi
 from armodal.modalities.music.tokenizer import JSBTokenizer, MidiTokenizer
+from armodal.utils.cache import atomic_write, content_key, is_complete, mark_complete, writable_dir
+from armodal.utils.safety import UnsafeTargetError, load_npz_arrays
+from armodal.training.resume import ResumableLoader
 
 __all__ = [
     "MidiDataModule",
@@ -95,6 +98,12 @@ def random_transpose(tok: MidiTokenizer, ids: np.ndarray, max_transpose: int, rn
     return ids
 
 
+def seeded_rng() -> np.random.Generator:
+    """A NumPy generator drawn from torch's RNG, which ``seed_everything`` (main process) and the
+    DataLoader (each worker) seed from the run seed: two runs with the same seed draw the same windows."""
+    return np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
+
+
 class _TrainWindows(Dataset):
     def __init__(self, pieces: list[list[np.ndarray]], tok: MidiTokenizer, seq_len: int, max_transpose: int) -> None:
         self.pieces, self.tok, self.seq_len, self.max_transpose = pieces, tok, seq_len, max_transpose
@@ -105,7 +114,7 @@ class _TrainWindows(Dataset):
         return len(self.index)
 
     def __getitem__(self, k: int) -> torch.Tensor:
-        rng = np.random.default_rng()
+        rng = seeded_rng()
         versions = self.pieces[self.index[k]]
         ids = versions[int(rng.integers(len(versions)))]  # a random time-stretched version
         if len(ids) > self.seq_len:
@@ -143,13 +152,17 @@ class MidiDataModule(pl.LightningDataModule):
 
     ``tokenizer`` holds :class:`MidiTokenizer` kwargs (``kind``, ``beat_res``,
     ``num_velocities``, ``pitch_range``).  Tokenized pieces are cached under
-    ``cache_dir`` keyed by the tokenizer parameters, the file list and the
-    stretch factors.
+    ``cache_dir`` keyed on the data root, every file's size, mtime and SHA-256, the
+    tokenizer parameters and the stretch factors (a read-only cache folder: a warning,
+    then no cache).  ``root`` must exist and is never written to; with ``root=None`` and
+    ``convert_music21_bach=True`` the data is music21's Bach chorales, converted once into
+    ``<cache_dir>/music/bach_chorales_midi`` (used only once the conversion completed).
+    Files with ``max_notes`` notes or more are skipped.
     """
 
     def __init__(
         self,
-        root: str,
+        root: str | None,
         tokenizer: dict | None = None,
         cache_dir: str | None = None,
         max_seq_len: int = 512,
@@ -165,7 +178,7 @@ class MidiDataModule(pl.LightningDataModule):
         convert_music21_bach: bool = False,
     ) -> None:
         super().__init__()
-        self.root = Path(root)
+        self.root = Path(root) if root else None
         self.tokenizer = MidiTokenizer(**(dict(tokenizer) if tokenizer else {}))
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.max_seq_len, self.batch_size = int(max_seq_len), int(batch_size)
@@ -183,22 +196,39 @@ class MidiDataModule(pl.LightningDataModule):
 
     # -- building ---------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        if not self.root.is_dir() and self.convert_music21_bach:
-            from armodal.modalities.music.bach import convert_bach_chorales
-
-            convert_bach_chorales(self.root)
+        if self.root is None:
+            if not self.convert_music21_bach:
+                raise ValueError("modality.data.root is not set: give a folder of .mid files (or root=null with "
+                                 "convert_music21_bach=true for music21's Bach chorales)")
+            self.root = self._bach_folder()
         if not self.root.is_dir():
-            raise FileNotFoundError(f"{self.root}: MIDI folder not found (set modality.data.root)")
+            raise FileNotFoundError(
+                f"{self.root}: MIDI folder not found (modality.data.root must be an existing folder of .mid files; "
+                "nothing is converted into it. root=null with convert_music21_bach=true uses music21's Bach chorales, "
+                "converted into the cache)")
+
+    def _bach_folder(self) -> Path:
+        """music21's Bach chorales as MIDI in the cache; a partial conversion is resumed, never used."""
+        from armodal.modalities.music.bach import convert_bach_chorales
+
+        base = writable_dir(self.cache_dir / "music" if self.cache_dir else None, "cache")
+        if base is None:
+            base = Path(tempfile.mkdtemp(prefix="armodal-bach-"))
+            warnings.warn(f"converting the Bach chorales into the temporary folder {base} (no writable cache_dir)",
+                          stacklevel=2)
+        folder = base / "bach_chorales_midi"
+        if not is_complete(folder):
+            n, failed = convert_bach_chorales(folder)
+            mark_complete(folder, files=n, skipped=failed)
+        return folder
 
     def _cache_path(self, files: list[Path]) -> Path | None:
-        if self.cache_dir is None:
+        base = writable_dir(self.cache_dir / "music" if self.cache_dir else None, "cache")
+        if base is None:
             return None
-        key = json.dumps({
-            "v": CACHE_VERSION, "tok": self.tokenizer.state(), "stretch": self.stretch, "max_bytes": self.max_bytes,
-            "max_notes": self.max_notes,
-            "files": [(str(f.relative_to(self.root)), f.stat().st_size, int(f.stat().st_mtime)) for f in files],
-        }, sort_keys=True, default=str)
-        return self.cache_dir / "music" / f"{self.root.name}_{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+        key = content_key(self.root, files, v=CACHE_VERSION, tok=self.tokenizer.state(), stretch=self.stretch,
+                          max_bytes=self.max_bytes, max_notes=self.max_notes)
+        return base / f"{self.root.name}_{key}.pt"
 
     def _tokenize(self, path: Path) -> list[np.ndarray]:
         score = read_midi(path, max_bytes=self.max_bytes, max_notes=self.max_notes)
@@ -244,11 +274,12 @@ class MidiDataModule(pl.LightningDataModule):
                 warnings.warn(f"skipping {f}: {reason}", MidiSkipWarning, stacklevel=2)
         data = {"pieces": pieces, "skipped": skipped}
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            torch.save({"pieces": {rel: [torch.from_numpy(a) for a in v] for rel, v in pieces.items()},
-                        "skipped": [list(x) for x in skipped]}, tmp)
-            tmp.replace(cache)
+            blob = {"pieces": {rel: [torch.from_numpy(a) for a in v] for rel, v in pieces.items()},
+                    "skipped": [list(x) for x in skipped]}
+            try:
+                atomic_write(cache, lambda tmp: torch.save(blob, tmp))
+            except OSError as e:
+                warnings.warn(f"{cache}: could not write the token cache ({e}); continuing without it", stacklevel=2)
         return data
 
     def setup(self, stage: str | None = None) -> None:
@@ -270,13 +301,32 @@ class MidiDataModule(pl.LightningDataModule):
             s = split_of(rel, self.val_fraction, self.test_fraction, self.split_seed)
             self.splits[s].append(data["pieces"][rel])
             self.names[s].append(rel)
-        if not self.splits["train"]:
-            raise ValueError(f"{self.root}: the split left no training pieces ({len(data['pieces'])} usable)")
-        for s in ("val", "test"):  # tiny folders: borrow one training piece rather than crash
-            if not self.splits[s]:
-                self.splits[s] = self.splits["train"][-1:]
-                self.names[s] = self.names["train"][-1:]
+        self._fill_empty_splits()
+        self._warn_dominant_piece()
         log.info("MIDI pieces per split: %s", {k: len(v) for k, v in self.splits.items()})
+
+    def _fill_empty_splits(self) -> None:
+        """Tiny folders: an empty split takes a piece from the largest one (moved, never shared)."""
+        n = sum(len(v) for v in self.names.values())
+        if n < 3:
+            raise ValueError(f"{self.root}: {n} usable MIDI piece(s); train, val and test need at least one distinct "
+                             "piece each (3 pieces)")
+        for s in ("train", "val", "test"):
+            if not self.names[s]:
+                donor = max(("train", "val", "test"), key=lambda k: len(self.names[k]))
+                self.names[s].append(self.names[donor].pop())
+                self.splits[s].append(self.splits[donor].pop())
+                warnings.warn(f"{self.root}: the {s} split was empty; moved {self.names[s][0]} into it from {donor}",
+                              stacklevel=3)
+
+    def _warn_dominant_piece(self, share: float = 0.5) -> None:
+        """A piece that is most of the training windows (e.g. a huge file) is worth a warning."""
+        windows = [max(1, int(np.ceil(len(v[0]) / self.max_seq_len))) for v in self.splits["train"]]
+        if len(windows) > 1 and max(windows) > share * sum(windows):
+            i = int(np.argmax(windows))
+            warnings.warn(f"{self.root / self.names['train'][i]} makes up {max(windows) / sum(windows):.1%} of the "
+                          f"training windows ({max(windows)} of {sum(windows)}); check it is a normal piece "
+                          "(max_notes caps file size)", stacklevel=3)
 
     # -- loaders ----------------------------------------------------------------------------
     def collate(self, seqs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -287,8 +337,9 @@ class MidiDataModule(pl.LightningDataModule):
         return {"ids": ids, "loss_mask": ids != self.tokenizer.pad_id}
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate,
-                          num_workers=self.num_workers)
+        loader = ResumableLoader if shuffle else DataLoader  # training: resumes mid-epoch exactly
+        return loader(ds, batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate,
+                      num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
@@ -334,8 +385,10 @@ def load_jsb(path: str | Path) -> dict[str, list[np.ndarray]]:
             "(or data.path) at the folder holding jsb_chorales/"
         )
     try:
-        raw = np.load(path, allow_pickle=True, encoding="latin1")
+        raw = load_npz_arrays(path)  # object arrays of arrays; any other pickled object is refused
         splits = {k: [np.asarray(x, dtype=np.float64) for x in raw[k]] for k in ("train", "valid", "test")}
+    except UnsafeTargetError:
+        raise
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same message
         raise ValueError(f"{path}: not a readable JSB npz with train/valid/test keys ({type(e).__name__}: {e})") from None
     for name, pieces in splits.items():
@@ -370,7 +423,7 @@ class _JSBTrainWindows(Dataset):
         return len(self.grids)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        rng = np.random.default_rng()
+        rng = seeded_rng()
         grid = self.grids[i]
         if self.max_transpose > 0:
             grid = _random_transpose(grid, self.max_transpose, self.tok.low, self.tok.high, rng)
@@ -468,8 +521,9 @@ class JSBDataModule(pl.LightningDataModule):
         return {"ids": ids, "types": self.tokenizer.types(ids), "loss_mask": loss_mask}
 
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
-                          num_workers=self.num_workers)
+        loader = ResumableLoader if shuffle else DataLoader  # training: resumes mid-epoch exactly
+        return loader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
+                      num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

@@ -24,8 +24,8 @@ class BadMidiError(ValueError):
 def read_midi(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, max_notes: int = 200_000) -> Score:
     """Load a MIDI file with symusic and check it holds pitched notes.
 
-    Raises :class:`BadMidiError` for a missing, huge, corrupt/truncated, empty or
-    drum-only file.
+    Raises :class:`BadMidiError` for a missing, huge (over ``max_bytes`` bytes, or ``max_notes``
+    notes or more), corrupt/truncated, empty or drum-only file.
     """
     path = Path(path)
     if not path.is_file():
@@ -45,6 +45,6 @@ def read_midi(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES, max_notes: i
         raise BadMidiError(path, f"drum-only MIDI ({n_drums} drum notes, no pitched notes)")
     if n_pitched == 0:
         raise BadMidiError(path, "empty MIDI (no notes)")
-    if n_pitched + n_drums > max_notes:
-        raise BadMidiError(path, f"too many notes ({n_pitched + n_drums:,} > max_notes={max_notes:,})")
+    if n_pitched + n_drums >= max_notes:  # the limit itself is already too many (a reader may cap there)
+        raise BadMidiError(path, f"too many notes ({n_pitched + n_drums:,} >= max_notes={max_notes:,})")
     return score

@@ -8,6 +8,7 @@ tokenizers and the JSB grid tokenizer).
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,9 +59,20 @@ class MusicSampler(Sampler):
             score = read_midi(path)  # BadMidiError (a ValueError) names the file and the reason
             prompt = tok.prompt_ids(score, str(path), inputs.get("prompt_tokens"), inputs.get("prompt_bars"))[None]  # [1, P]
             write_midi(self._to_score(tok, prompt[0]), out_dir / "prompt.mid")
-            if prompt.shape[1] >= model.net.config.max_seq_len:
-                raise ValueError(f"the prompt ({prompt.shape[1]} tokens) leaves no room under max_seq_len="
-                                 f"{model.net.config.max_seq_len}; lower prompt_tokens / prompt_bars")
+            max_len = model.net.config.max_seq_len
+            used, asked = prompt.shape[1], config.max_new_tokens
+            room = min(asked or max_len // 2, max_len // 2)  # what a too-long prompt is cut to make room for
+            if used > max_len - room:
+                keep = max_len - room
+                prompt = tok.prompt_ids(score, str(path), keep, inputs.get("prompt_bars"))[None]  # cut at a valid point
+                capped = "" if asked is None or asked <= max_len - prompt.shape[1] else \
+                    f"; max_new_tokens={asked} is capped to the {max_len - prompt.shape[1]} tokens left"
+                warnings.warn(f"{path}: the prompt has {used} tokens, too many for max_seq_len={max_len} with room to "
+                              f"continue; it is truncated to its first {prompt.shape[1]} tokens (set prompt_tokens or "
+                              f"prompt_bars to choose){capped}", stacklevel=2)
+                if capped:
+                    config = config.replace(max_new_tokens=max_len - prompt.shape[1])
+                write_midi(self._to_score(tok, prompt[0]), out_dir / "prompt.mid")
 
         seqs: list[torch.Tensor] = []
         generator = seeded_generator(config, model.device)  # one stream over all batches

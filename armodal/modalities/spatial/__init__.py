@@ -10,8 +10,9 @@ pixels, the image and scale factors under ``uns['spatial'][library_id]``.
 
 Modules: ``tokenizer``, ``data``, ``conditioner``, ``sampler``, ``evaluate`` (the skeleton every
 modality shares) and the domain extras ``io`` (section readers, panels), ``patches`` (H&E patches,
-stain augmentation), ``features`` (patch encoders, SimCLR) and ``predict`` (section sampling, metrics,
-baseline, plots).
+stain augmentation), ``stain`` (slide-level stain normalisation and perturbation), ``features`` (patch
+encoders, SimCLR), ``geometry`` (spatial orders, windows, Moran's I), ``window`` (window sequences),
+``newslide`` (a slide without counts) and ``predict`` (section sampling, metrics, baseline, plots).
 """
 
 from armodal.modalities.spatial.conditioner import SpatialConditioner
@@ -33,6 +34,8 @@ from armodal.modalities.spatial.io import (
 from armodal.modalities.spatial.patches import augment, extract_patches, hed_to_rgb, patch_boxes, rgb_to_hed
 from armodal.modalities.spatial.predict import (
     HISTOGENE_PCC,
+    HISTOGENE_RECIPE,
+    REG2ST_PCC,
     interval_coverage,
     pearson_per_gene,
     plot_maps,
@@ -40,11 +43,17 @@ from armodal.modalities.spatial.predict import (
     ridge_baseline,
     sample_section,
 )
+from armodal.modalities.spatial.geometry import cover, morans_i, spatial_order
+from armodal.modalities.spatial.newslide import new_section
+from armodal.modalities.spatial.predict import predict_expression
 from armodal.modalities.spatial.sampler import SpatialSampler, predict_section
+from armodal.modalities.spatial.stain import StainNormalizer, perturb_slide_stain
 from armodal.modalities.spatial.tokenizer import BinnedExpressionTokenizer, ExpressionTokenizer, RVQExpressionTokenizer
 
 __all__ = [
     "BinnedExpressionTokenizer", "ExpressionTokenizer", "FeatureConfig", "FeatureExtractor", "HISTOGENE_PCC",
+    "HISTOGENE_RECIPE", "REG2ST_PCC", "StainNormalizer", "cover", "morans_i", "new_section", "perturb_slide_stain",
+    "predict_expression", "spatial_order",
     "RVQExpressionTokenizer", "SpatialConditioner", "SpatialDataError", "SpatialDataModule", "SpatialEvaluator",
     "SpatialSampler", "apply_panel", "augment", "build_backbone", "extract_patches", "hed_to_rgb",
     "interval_coverage", "load_image", "load_panel", "neighbourhoods", "normalize_log1p", "patch_boxes",

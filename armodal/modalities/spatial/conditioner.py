@@ -12,19 +12,35 @@ from armodal.modalities.base import Conditioner, register_conditioner
 __all__ = ["SpatialConditioner"]
 
 
+def _small_cnn(width: int) -> nn.Sequential:
+    """Patches [B, 3, H, W] -> [B, 4 * width]: four stride-2 3x3 convolutions (GroupNorm, GELU), global mean."""
+    layers, c = [], 3
+    for w in (width, 2 * width, 4 * width, 4 * width):
+        layers += [nn.Conv2d(c, w, 3, stride=2, padding=1), nn.GroupNorm(8, w), nn.GELU()]
+        c = w
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
 @register_conditioner("spatial")
 class SpatialConditioner(Conditioner):
     """One prefix position per spot of the neighbourhood.
 
     ``cond = {"feats": [B, N, F] patch features, "pos": [B, N, 2] spot offsets from the
-    centre spot in units of the spot spacing}``; the centre spot is the last slot, so under
-    the causal mask it sees every neighbour.  prefix[b, n] = proj(LayerNorm(feats)) +
+    centre spot in units of the spot spacing}``.  prefix[b, n] = proj(LayerNorm(feats)) +
     MLP(Fourier(pos)).  ``feat_dropout`` zeroes whole feature vectors while training.
+
+    ``pixels=True`` learns from pixels end to end: ``feats`` are then the patches themselves,
+    [B, N, 3, H, W] in 0..255 (after the slide's stain normalisation), and a small CNN trained
+    with the AR loss turns each into a ``feat_dim`` vector.
     """
 
     def __init__(self, d_model: int, feat_dim: int = 512, n_freqs: int = 8, max_offset: float = 4.0,
-                 feat_dropout: float = 0.1, feat_noise: float = 0.0) -> None:
+                 feat_dropout: float = 0.1, feat_noise: float = 0.0, pixels: bool = False, pixel_width: int = 32) -> None:
         super().__init__(d_model)
+        self.pixels = bool(pixels)
+        if self.pixels:
+            feat_dim = 4 * pixel_width
+            self.pixel_encoder = _small_cnn(pixel_width)
         self.feat_dim = feat_dim
         self.norm = nn.LayerNorm(feat_dim)
         self.proj = nn.Sequential(nn.Linear(feat_dim, d_model), nn.GELU(), nn.Linear(d_model, d_model))
@@ -35,7 +51,17 @@ class SpatialConditioner(Conditioner):
         self.feat_noise = feat_noise
 
     def forward(self, cond: dict) -> torch.Tensor:  # -> [B, N, D]
-        feats, pos = cond["feats"], cond["pos"]  # [B, N, F], [B, N, 2]
+        feats, pos = cond["feats"], cond["pos"]  # [B, N, F] (or [B, N, 3, H, W] patches), [B, N, 2]
+        if self.pixels:
+            if feats.dim() != 5 or feats.shape[2] != 3:
+                raise ValueError(f"SpatialConditioner(pixels=True) expects patches [B, N, 3, H, W], got {tuple(feats.shape)} "
+                                 "(set modality.data.inputs=pixels)")
+            b, n = feats.shape[:2]
+            x = (feats.flatten(0, 1).float() / 255.0 - 0.5) / 0.25
+            feats = self.pixel_encoder(x).view(b, n, -1)  # [B, N, feat_dim]
+        elif feats.dim() != 3:
+            raise ValueError(f"SpatialConditioner expects patch features [B, N, F], got {tuple(feats.shape)} "
+                             "(patches need conditioner.pixels=true)")
         if feats.shape[-1] != self.feat_dim:
             raise ValueError(f"SpatialConditioner expects {self.feat_dim}-dim patch features, got {feats.shape[-1]} "
                              "(set modality.conditioner.feat_dim to the backbone's feature size)")

@@ -27,6 +27,8 @@ import scanpy as sc
 import scipy.sparse as sp
 from PIL import Image
 
+from armodal.utils.safety import check_choice
+
 __all__ = [
     "SpatialDataError",
     "read_her2st",
@@ -256,8 +258,10 @@ def read_visium(path: str | Path, *, library_id: str | None = None, source_image
 
 
 # ----------------------------------------------------------------------------- h5ad
-def read_h5ad_section(path: str | Path, *, spot_diameter_um: float = VISIUM_SPOT_DIAMETER_UM) -> ad.AnnData:
-    """An ``.h5ad`` holding counts, ``obsm['spatial']`` and an image in ``uns['spatial']``."""
+def read_h5ad_section(path: str | Path, *, spot_diameter_um: float = VISIUM_SPOT_DIAMETER_UM,
+                      um_per_px: float | None = None) -> ad.AnnData:
+    """An ``.h5ad`` holding counts (or none: X may have no columns), ``obsm['spatial']`` and an image in
+    ``uns['spatial']``; ``um_per_px`` supplies / overrides the full-resolution micrometres per pixel."""
     path = Path(path)
     if not path.is_file():
         raise SpatialDataError(f"{path}: file not found")
@@ -285,9 +289,12 @@ def read_h5ad_section(path: str | Path, *, spot_diameter_um: float = VISIUM_SPOT
     scalef = sf.get(f"tissue_{key}_scalef")
     if scalef is None:
         raise SpatialDataError(f"{path}: scalefactors lack tissue_{key}_scalef")
+    if um_per_px is not None:
+        sf["microns_per_pixel"] = float(um_per_px)
     if "microns_per_pixel" not in sf:
         if "spot_diameter_fullres" not in sf:
-            raise SpatialDataError(f"{path}: scalefactors need microns_per_pixel or spot_diameter_fullres")
+            raise SpatialDataError(f"{path}: the image's micrometres per pixel are not known: the scalefactors need "
+                                   "microns_per_pixel or spot_diameter_fullres, or pass um_per_px=<value>")
         sf["microns_per_pixel"] = spot_diameter_um / float(sf["spot_diameter_fullres"])
     sf.setdefault("spot_diameter_fullres", spot_diameter_um / sf["microns_per_pixel"])
     # normalise to the 'hires' key so downstream code has one convention
@@ -335,7 +342,12 @@ def load_panel(path: str | Path) -> list[str]:
     if not path.is_file():
         raise SpatialDataError(f"{path}: panel file not found")
     if path.suffix == ".npy":
-        genes = [str(g) for g in np.load(path, allow_pickle=True).ravel()]
+        try:  # a plain string array: never unpickle (a pickled .npy can run code)
+            genes = [str(g) for g in np.load(path, allow_pickle=False).ravel()]
+        except ValueError as e:
+            raise SpatialDataError(
+                f"{path}: the panel must be a plain array of gene symbols; this file holds pickled Python objects "
+                f"and is not loaded ({e}). Re-save it with np.save(path, np.array(genes, dtype=str))") from None
     else:
         genes = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
     if not genes:
@@ -366,6 +378,7 @@ def apply_panel(
     Genes absent from some section raise, or with ``on_missing='warn'`` are removed from
     the panel for all sections with a warning naming them and their count.
     """
+    check_choice("on_missing_genes", on_missing, ("error", "warn"), "apply_panel")
     missing: dict[str, list[str]] = {}
     for name, a in sections.items():
         miss = [g for g in genes if g not in a.var_names]

@@ -18,7 +18,8 @@ from PIL import Image
 
 from armodal.modalities.spatial.io import SpatialDataError, load_image
 
-__all__ = ["patch_size_px", "patch_boxes", "patch_plan", "extract_patches", "augment", "rgb_to_hed", "hed_to_rgb", "dihedral"]
+__all__ = ["patch_size_px", "patch_boxes", "patch_plan", "extract_patches", "augment", "stain_jitter", "rgb_to_hed", "hed_to_rgb",
+           "dihedral"]
 
 # Ruifrok & Johnston stain vectors, as in skimage.color (rows: haematoxylin, eosin, DAB)
 _RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
@@ -136,6 +137,22 @@ def hed_to_rgb(hed: torch.Tensor) -> torch.Tensor:
     return torch.einsum("...chw,cd->...dhw", log_rgb, _RGB_FROM_HED.to(hed)).exp().clamp(0, 1)
 
 
+def stain_jitter(x: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per image of ``x`` [B, 3, H, W] (RGB in [0, 1]): HED scale ``1 + U(-s, s)`` and shift ``U(-s, s)`` on the
+    natural optical density -- :func:`~.stain.perturb_slide_stain`'s change, drawn per image."""
+    from armodal.modalities.spatial.stain import _HED_FROM_RGB, _RGB_FROM_HED  # noqa: PLC0415 (stain imports nothing from here)
+
+    b = x.shape[0]
+    alpha = 1 + sigma * (2 * torch.rand(b, 3, generator=generator) - 1)
+    beta = sigma * (2 * torch.rand(b, 3, generator=generator) - 1)
+    m_in = torch.tensor(_HED_FROM_RGB, dtype=x.dtype)
+    m_out = torch.tensor(_RGB_FROM_HED, dtype=x.dtype)
+    lin = m_in[None] * alpha.to(x.dtype)[:, None, :] @ m_out  # [B, 3, 3]: od @ inv(M) diag(alpha) M
+    off = (beta.to(x.dtype) @ m_out)[:, :, None, None]  # [B, 3, 1, 1]
+    od = -torch.log(x.clamp_min(1.0 / 255.0))
+    return torch.exp(-(torch.einsum("bchw,bcd->bdhw", od, lin) + off)).clamp(0, 1)
+
+
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     """One of the 8 symmetries of the square: k in 0..7 (rot90 k % 4, then a flip if k >= 4)."""
     x = torch.rot90(x, k % 4, dims=(-2, -1))
@@ -150,8 +167,13 @@ def augment(
     brightness: float = 0.1,
     contrast: float = 0.1,
     saturation: float = 0.1,
+    stain_sigma: float = 0.0,
 ) -> torch.Tensor:
-    """Training augmentation: random flips and 90-degree rotations, HED stain jitter, colour jitter."""
+    """Training augmentation: random flips and 90-degree rotations, HED stain jitter, colour jitter.
+
+    ``hed_sigma`` jitters in skimage's HED units (optical density / ln(1e6): 0.05 already tints the white
+    background strongly, the SSL stage's colour augmentation); ``stain_sigma`` applies a realistic stain
+    change per patch on the natural optical density, the scale of :data:`~.stain.STAIN_STRENGTHS`."""
     b = x.shape[0]
     g = generator
 
@@ -165,6 +187,8 @@ def augment(
         alpha = 1 + hed_sigma * u(b, 3, 1, 1)
         beta = hed_sigma * u(b, 3, 1, 1)
         x = hed_to_rgb(hed * alpha + beta)
+    if stain_sigma > 0:
+        x = stain_jitter(x, stain_sigma, g)
     if brightness > 0:
         x = x * (1 + brightness * u(b, 1, 1, 1))
     if contrast > 0:

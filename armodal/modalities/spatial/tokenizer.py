@@ -13,7 +13,12 @@ Two schemes, fitted on training spots only:
   binned per gene (a zero bin plus quantile bins of the non-zero values); a spot is G
   tokens, the type stream carries the gene index.
 
-A sequence is the concatenation of ``n`` spots' tokens (centre spot first).
+Two sequence layouts (``RVQExpressionTokenizer.window_radius``):
+
+* per-spot (``None``): ``n_slots`` spots' tokens (centre spot first), type = slot * Q + level;
+* window (an int R): per spot a *marker* token (id ``marker_id``) then its Q codes; the
+  marker's type is the spot's 2D cell around the window centre (``(2R+1)**2`` cells), the
+  codes' types are ``n_cells + level`` (see :mod:`armodal.modalities.spatial.window`).
 """
 
 from __future__ import annotations
@@ -37,6 +42,26 @@ class ExpressionTokenizer(Tokenizer):
     eos_id = None
     tokens_per_spot: int
     genes: list[str]
+    _encoder = None
+    _encoder_dir: Path | None = None
+
+    @property
+    def encoder(self):
+        """The H&E encoder (:class:`~armodal.modalities.spatial.features.FeatureExtractor`: stain normaliser +
+        backbone) the model was trained with; saved next to the tokenizer so a new slide is featurised alike."""
+        if self._encoder is None and self._encoder_dir is not None and (Path(self._encoder_dir) / "encoder.json").is_file():
+            from armodal.modalities.spatial.features import FeatureExtractor  # noqa: PLC0415 (torch/timm only when needed)
+
+            self._encoder = FeatureExtractor.load(self._encoder_dir)
+        return self._encoder
+
+    @encoder.setter
+    def encoder(self, value) -> None:
+        self._encoder = value
+
+    def _save_encoder(self, directory: Path) -> None:
+        if self._encoder is not None:
+            self._encoder.save(directory)
 
     @property
     def n_genes(self) -> int:
@@ -54,9 +79,12 @@ class ExpressionTokenizer(Tokenizer):
         return torch.from_numpy(self.encode_codes(x).reshape(-1) + 1).long()
 
     def decode(self, ids: torch.Tensor, noise: bool = False, generator: np.random.Generator | None = None) -> np.ndarray:
-        """ids [N * tokens_per_spot] (pads dropped) -> expression [N, G] (log1p, >= 0)."""
+        """ids [N * tokens_per_spot] (pads and spot markers dropped) -> expression [N, G] (log1p, >= 0)."""
         ids = torch.as_tensor(ids).reshape(-1)
-        ids = ids[ids != self.pad_id].cpu().numpy() - 1
+        keep = ids != self.pad_id
+        if getattr(self, "marker_id", None) is not None:
+            keep &= ids != self.marker_id
+        ids = ids[keep].cpu().numpy() - 1
         n = len(ids) // self.tokens_per_spot
         codes = ids[: n * self.tokens_per_spot].reshape(n, self.tokens_per_spot)
         return self.decode_codes(codes, noise=noise, generator=generator)
@@ -82,14 +110,17 @@ class ExpressionTokenizer(Tokenizer):
 class RVQExpressionTokenizer(ExpressionTokenizer):
     """Residual VQ with ``n_levels`` codebooks of ``codebook_size`` k-means centroids each.
 
-    Token id for level q, code c: ``1 + q * K + c``.  ``types`` = position in the
-    expression segment (slot * Q + level, ``n_slots`` spots per sequence); the grammar
-    only allows level-q ids at level-q positions.
+    Token id for level q, code c: ``1 + q * K + c``.  Per-spot layout: ``types`` = position
+    in the expression segment (slot * Q + level, ``n_slots`` spots per sequence).  Window
+    layout (``window_radius`` set): one more id, the spot marker ``1 + Q * K``, typed by the
+    spot's cell; the codes are typed by level.  Either way the grammar only allows level-q
+    ids at level-q positions (and the marker at the start of every spot).
     """
 
     def __init__(self, genes, mean, std, codebooks, residuals, stats: dict | None = None, n_slots: int = 1,
-                 proj=None) -> None:
+                 proj=None, window_radius: int | None = None) -> None:
         self.n_slots = int(n_slots)
+        self.window_radius = None if window_radius is None else int(window_radius)
         self.proj = None if proj is None or np.size(proj) == 0 else np.asarray(proj, np.float32)  # [d, G] PCA rows
         self.genes = list(genes)
         self.mean = np.asarray(mean, np.float32)  # [G]
@@ -108,16 +139,29 @@ class RVQExpressionTokenizer(ExpressionTokenizer):
         return self.codebooks.shape[1]
 
     @property
+    def marker_id(self) -> int | None:
+        """The spot-marker id of window sequences (None in the per-spot layout)."""
+        return None if self.window_radius is None else 1 + self.n_levels * self.codebook_size
+
+    @property
+    def n_cells(self) -> int:
+        """Cell type ids of window sequences: the (2R+1)^2 cells around the window centre."""
+        return 0 if self.window_radius is None else (2 * self.window_radius + 1) ** 2
+
+    @property
     def vocab_size(self) -> int:
-        return 1 + self.n_levels * self.codebook_size
+        return 1 + self.n_levels * self.codebook_size + (self.window_radius is not None)
 
     @property
     def num_types(self) -> int:
+        if self.window_radius is not None:
+            return self.n_cells + self.n_levels
         return self.n_slots * self.n_levels
 
     @classmethod
     def fit(cls, x: np.ndarray, genes, n_levels: int = 4, codebook_size: int = 32, seed: int = 0,
-            n_slots: int = 1, groups: np.ndarray | None = None, pca_dim: int = 0) -> "RVQExpressionTokenizer":
+            n_slots: int = 1, groups: np.ndarray | None = None, pca_dim: int = 0,
+            window_radius: int | None = None) -> "RVQExpressionTokenizer":
         """Fit on training spots ``x`` [N, G] (log1p).
 
         ``groups`` (e.g. the section of each spot): the residual pool used by
@@ -145,7 +189,7 @@ class RVQExpressionTokenizer(ExpressionTokenizer):
                 pool.append((x[~tr] - mean) / std - rec_z)
             r = np.concatenate(pool)
             stats["residuals"] = "cross-fitted over groups"
-        tok = cls(genes, mean, std, books, r, stats, n_slots, proj)
+        tok = cls(genes, mean, std, books, r, stats, n_slots, proj, window_radius)
         tok.stats["quantisation_rms_log1p"] = float(np.sqrt(((tok.decode_codes(tok.encode_codes(x), False, None) - np.maximum(x, 0)) ** 2).mean()))
         return tok
 
@@ -201,28 +245,40 @@ class RVQExpressionTokenizer(ExpressionTokenizer):
         return np.maximum(x, 0.0) if clip else x
 
     def types(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.window_radius is not None:
+            raise ValueError("window sequences take their type ids from the window geometry (each spot's cell): "
+                             "build them with armodal.modalities.spatial.window.window_tokens")
         t = ids.shape[-1]
         return torch.arange(t, device=ids.device).clamp(max=self.num_types - 1).expand(ids.shape[0], t)
 
     def allowed_next(self, ids: torch.Tensor) -> torch.Tensor:
         b, t = ids.shape
-        q = t % self.n_levels
         mask = torch.zeros(b, self.vocab_size, dtype=torch.bool, device=ids.device)
+        if self.window_radius is not None:  # marker, then the Q levels, for every spot
+            q = t % (self.n_levels + 1) - 1
+            if q < 0:
+                mask[:, self.marker_id] = True
+                return mask
+        else:
+            q = t % self.n_levels
         mask[:, 1 + q * self.codebook_size : 1 + (q + 1) * self.codebook_size] = True
         return mask
 
     def state(self) -> dict:
-        return {"genes": self.genes, "stats": self.stats, "n_slots": self.n_slots}
+        return {"genes": self.genes, "stats": self.stats, "n_slots": self.n_slots, "window_radius": self.window_radius}
 
     def save_extra(self, directory: Path) -> None:
+        self._save_encoder(Path(directory))
         np.savez(Path(directory) / "rvq.npz", mean=self.mean, std=self.std, codebooks=self.codebooks, residuals=self.residuals,
                  proj=self.proj if self.proj is not None else np.zeros(0, np.float32))
 
     @classmethod
     def from_state(cls, state: dict, directory: Path) -> "RVQExpressionTokenizer":
         z = np.load(Path(directory) / "rvq.npz")
-        return cls(state["genes"], z["mean"], z["std"], z["codebooks"], z["residuals"], state.get("stats"), state.get("n_slots", 1),
-                   z["proj"] if "proj" in z.files else None)
+        tok = cls(state["genes"], z["mean"], z["std"], z["codebooks"], z["residuals"], state.get("stats"), state.get("n_slots", 1),
+                  z["proj"] if "proj" in z.files else None, state.get("window_radius"))
+        tok._encoder_dir = Path(directory)
+        return tok
 
 
 # ----------------------------------------------------------------------------- per-gene bins
@@ -305,9 +361,12 @@ class BinnedExpressionTokenizer(ExpressionTokenizer):
         return {"genes": self.genes, "stats": self.stats}
 
     def save_extra(self, directory: Path) -> None:
+        self._save_encoder(Path(directory))
         np.savez(Path(directory) / "bins.npz", edges=self.edges, centres=self.centres)
 
     @classmethod
     def from_state(cls, state: dict, directory: Path) -> "BinnedExpressionTokenizer":
         z = np.load(Path(directory) / "bins.npz")
-        return cls(state["genes"], z["edges"], z["centres"], state.get("stats"))
+        tok = cls(state["genes"], z["edges"], z["centres"], state.get("stats"))
+        tok._encoder_dir = Path(directory)
+        return tok

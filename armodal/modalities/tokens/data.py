@@ -11,10 +11,11 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from armodal.modalities.base import register_datamodule
+from armodal.modalities.base import MissingSplitError, register_datamodule
 from armodal.modalities.tokens.tokenizer import TokensTokenizer
+from armodal.training.resume import ResumableLoader
 
-__all__ = ["TokensDataModule", "read_token_file", "write_toy_corpus", "WindowDataset"]
+__all__ = ["TokensDataModule", "read_token_file", "write_toy_corpus", "WindowDataset", "TOY_CORPUS_VERSION"]
 
 
 def read_token_file(path: str | Path, n_symbols: int, dtype: str = "uint16") -> list[np.ndarray]:
@@ -54,22 +55,51 @@ def read_token_file(path: str | Path, n_symbols: int, dtype: str = "uint16") -> 
     return [s for s in seqs if s.size]
 
 
+TOY_CORPUS_VERSION = 2  # 2: train / val / test hold disjoint (start, step) progressions
+
+
 def write_toy_corpus(directory: str | Path, vocab_size: int = 32, length: int = 64, n_train: int = 512,
-                     n_val: int = 64, seed: int = 0) -> Path:
-    """A learnable toy corpus: arithmetic progressions mod V (random start, step 1..3)."""
+                     heldout_fraction: float = 0.125, seed: int = 0) -> Path:
+    """A learnable toy corpus: arithmetic progressions mod V (start 0..V-1, step 1..3).
+
+    There are only ``3 V`` distinct progressions (96 for V=32), so the splits are made of disjoint
+    (start, step) pairs: ``heldout_fraction`` of the pairs for val and as many for test (each pair
+    once), the rest for train (``n_train`` sequences drawn from them).  Held-out progressions can
+    only be predicted by the rule, not recalled.  ``vocab.json`` records ``toy_corpus``: the version.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    pairs = np.array([(start, step) for start in range(vocab_size) for step in (1, 2, 3)])
+    pairs = pairs[rng.permutation(len(pairs))]
+    n_out = max(1, int(round(heldout_fraction * len(pairs))))
+    if len(pairs) - 2 * n_out < 1:
+        raise ValueError(f"toy corpus: {len(pairs)} progressions cannot give train plus {n_out} val and {n_out} test")
+    splits = {"val": pairs[:n_out], "test": pairs[n_out : 2 * n_out], "train": pairs[2 * n_out :]}
+    splits["train"] = splits["train"][rng.integers(0, len(splits["train"]), n_train)]
 
-    def make(n):
-        start = rng.integers(0, vocab_size, n)[:, None]
-        step = rng.integers(1, 4, n)[:, None]
-        return ((start + step * np.arange(length)[None]) % vocab_size).astype(np.int64)
-
-    np.save(directory / "train.npy", make(n_train))
-    np.save(directory / "val.npy", make(n_val))
-    (directory / "vocab.json").write_text(json.dumps({"vocab_size": vocab_size}))
+    for name, p in splits.items():  # [n, 2] (start, step) -> [n, length]
+        np.save(directory / f"{name}.npy", ((p[:, :1] + p[:, 1:] * np.arange(length)[None]) % vocab_size).astype(np.int64))
+    (directory / "vocab.json").write_text(json.dumps({"vocab_size": vocab_size, "toy_corpus": TOY_CORPUS_VERSION}))
     return directory
+
+
+def _is_version_1_toy_corpus(directory: Path) -> bool:
+    """The files version 1 of :func:`write_toy_corpus` wrote: vocab.json ``{"vocab_size": V}``, train
+    and val .npy of progressions mod V with step 1..3, no test file."""
+    try:
+        vocab = json.loads((directory / "vocab.json").read_text())
+        arrays = [np.load(directory / f"{s}.npy", allow_pickle=False) for s in ("train", "val")]
+    except (OSError, ValueError):
+        return False
+    if set(vocab) != {"vocab_size"} or (directory / "test.npy").exists():
+        return False
+    v = vocab["vocab_size"]
+    for a in arrays:
+        steps = np.diff(a, axis=1) % v if a.ndim == 2 and a.shape[1] > 1 else None
+        if steps is None or not ((steps == steps[:, :1]) & (steps >= 1) & (steps <= 3)).all():
+            return False
+    return True
 
 
 class WindowDataset(Dataset):
@@ -100,7 +130,8 @@ class TokensDataModule(pl.LightningDataModule):
     """Pre-tokenized data in ``path``: ``train.{npy,bin}``, optional ``val``/``test``, and ``vocab.json``.
 
     Without a val file, ``val_fraction`` of the training sequences (chosen with ``seed``) are held out.
-    ``make_toy=true`` writes the toy corpus into ``path`` first if it is missing.
+    Without a test file there is no test split: ``test_dataloader()`` raises :class:`MissingSplitError`
+    (never val in its place).  ``make_toy=true`` writes the toy corpus into ``path`` first if it is missing.
     """
 
     def __init__(self, path: str, seq_len: int = 128, batch_size: int = 32, val_fraction: float = 0.1,
@@ -114,8 +145,23 @@ class TokensDataModule(pl.LightningDataModule):
         self._seqs: dict[str, list[np.ndarray]] = {}
 
     def prepare_data(self) -> None:
-        if self.make_toy and not (self.path / "train.npy").exists():
+        if not self.make_toy:
+            return
+        vocab = self.path / "vocab.json"
+        if not (self.path / "train.npy").exists():
             write_toy_corpus(self.path)
+            return
+        version = json.loads(vocab.read_text()).get("toy_corpus") if vocab.is_file() else None
+        if version is None and _is_version_1_toy_corpus(self.path):  # our own old cache: safe to replace
+            print(f"[armodal] {self.path}: replacing the version-1 toy corpus (train/val overlapped, no test split)")
+            write_toy_corpus(self.path)
+        elif version != TOY_CORPUS_VERSION:
+            raise FileExistsError(
+                f"{self.path}: make_toy=true, but the folder holds data that is not the current toy corpus "
+                f"(vocab.json toy_corpus={version}, expected {TOY_CORPUS_VERSION}; version 1 shared progressions "
+                "between train and val and had no test split). Delete the folder to regenerate it, or set "
+                "make_toy=false to use the data as it is"
+            )
 
     def _file(self, split: str) -> Path | None:
         for ext in (".npy", ".bin"):
@@ -154,19 +200,21 @@ class TokensDataModule(pl.LightningDataModule):
                           num_workers=self.num_workers, drop_last=False)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
+        return ResumableLoader(self._splits["train"], batch_size=self.batch_size, shuffle=True,
+                               num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test" if "test" in self._splits else "val", False)
+        self.setup()
+        if "test" not in self._splits:
+            raise MissingSplitError(f"{self.path}: no test split (no test.npy or test.bin in the folder)")
+        return self._loader("test", False)
 
     def sequences(self, split: str) -> list[np.ndarray]:
         """The whole symbol sequences of a split (no BOS/EOS, not windowed), for evaluators."""
         self.setup()
-        if split == "test" and "test" not in self._seqs:
-            split = "val"
         if split not in self._seqs:
-            raise KeyError(f"{self.path}: no {split!r} split (have {sorted(self._seqs)})")
+            raise MissingSplitError(f"{self.path}: no {split!r} split (have {sorted(self._seqs)})")
         return self._seqs[split]

@@ -1,0 +1,124 @@
+"""Window sequences: spatial autoregression across the spots of a window (TARIO-2 style).
+
+A window is ``size`` spots of one section (a centre spot and its nearest spots, or the
+whole section when it fits), put in a fixed spatial order (:func:`~.geometry.spatial_order`:
+raster or Hilbert) in a frame centred on the centre spot.  Its sequence is
+
+* prefix -- one H&E element per spot, in that order: the spot's patch feature and its 2D
+  offset from the centre (the conditioner embeds both);
+* tokens -- per spot, a *marker* token whose type id is the spot's 2D cell around the
+  centre, then the spot's ``Q`` expression codes, typed by level.
+
+So spot i's codes are predicted from all the H&E of the window and from the codes of
+spots 1..i-1 (teacher forcing in training); the marker tells the model which spot comes
+next, and carries no loss.  The transformer sees positions and spot identity only
+through the prefix and the type stream.
+
+Sampling (:func:`sample_windows`) generates spot by spot with the KV cache, ``K``
+sequences per window; overlapping windows cover the section and each spot takes its K
+samples from its *owner* window only (:func:`~.geometry.cover`), so every spot is
+predicted exactly once per sample.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from armodal.modalities.spatial.geometry import cell_index, cover, spatial_order
+
+__all__ = ["D8", "window_layout", "window_tokens", "window_codes", "sample_windows"]
+
+D8 = np.array(  # the 8 symmetries of the square as 2x2 matrices (index 0: identity)
+    [[[1, 0], [0, 1]], [[0, -1], [1, 0]], [[-1, 0], [0, -1]], [[0, 1], [-1, 0]],
+     [[-1, 0], [0, 1]], [[0, 1], [1, 0]], [[1, 0], [0, -1]], [[0, -1], [-1, 0]]], dtype=np.float64)
+
+
+def window_layout(pos: np.ndarray, window: np.ndarray, order: str, d8: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Spots of one window in sequence order -> (spot indices [n], offsets from the centre [n, 2]).
+
+    ``pos`` [N, 2]: the section's spot positions in spacing units; ``window`` [n]: spot indices,
+    centre first; ``d8``: a symmetry of the square applied to the offsets before ordering
+    (training augmentation: the same window in another orientation, hence another order).
+    """
+    window = np.asarray(window)
+    off = (pos[window] - pos[window[0]]) @ D8[d8].T
+    o = spatial_order(off, order)
+    return window[o], off[o]
+
+
+def window_tokens(spot_ids: torch.Tensor, offsets: torch.Tensor | np.ndarray, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spot ids [B, n, Q] (level-offset ids, no pads) and offsets [B, n, 2] -> (ids, types), each [B, n * (Q + 1)].
+
+    Per spot: the marker (type = its cell around the centre), then its Q ids (type = n_cells + level).
+    """
+    b, n, q = spot_ids.shape
+    cells = torch.as_tensor(cell_index(np.asarray(offsets), tokenizer.window_radius), device=spot_ids.device)  # [B, n]
+    marker = torch.full((b, n, 1), tokenizer.marker_id, dtype=spot_ids.dtype, device=spot_ids.device)
+    ids = torch.cat([marker, spot_ids], -1).reshape(b, n * (q + 1))
+    level_types = tokenizer.n_cells + torch.arange(q, device=spot_ids.device).expand(b, n, q)
+    types = torch.cat([cells[..., None].long(), level_types], -1).reshape(b, n * (q + 1))
+    return ids, types
+
+
+def window_codes(ids: torch.Tensor, n_levels: int) -> torch.Tensor:
+    """ids [B, n * (Q + 1)] of window sequences -> spot ids [B, n, Q] (markers dropped)."""
+    b, t = ids.shape
+    if t % (n_levels + 1):
+        raise ValueError(f"a window sequence has n * {n_levels + 1} tokens, got {t}")
+    return ids.reshape(b, t // (n_levels + 1), n_levels + 1)[..., 1:]
+
+
+@torch.no_grad()
+def sample_windows(
+    net,
+    conditioner,
+    tokenizer,
+    feats: torch.Tensor,  # [N, F] plain patch features of the section's spots
+    pos: np.ndarray,  # [N, 2] spot positions in spacing units
+    num_samples: int,
+    *,
+    size: int,
+    order: str,
+    generate_fn,
+    windows_per_batch: int | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """K sampled spot ids of every spot -> ([N, K, Q], info).
+
+    ``generate_fn(prefix [b, P, D], max_new_tokens, types_fn, num_return_sequences) -> ids [b*K, T]``
+    runs the decoding engine (prefill of the H&E prefix, then one token at a time with the KV
+    cache); windows of one batch are decoded together, K rows each (default: as many windows as fit
+    in 4096 rows -- the per-token step cost is mostly fixed, so wide batches are cheaper).  Each spot's
+    samples come from its owner window.
+    """
+    net.eval()
+    conditioner.eval()
+    dev = next(net.parameters()).device
+    n = len(pos)
+    q = tokenizer.n_levels
+    cov = cover(pos, size)
+    windows_per_batch = windows_per_batch or max(1, 4096 // max(1, num_samples))
+    out = torch.zeros((n, num_samples, q), dtype=torch.long)
+    filled = torch.zeros(n, dtype=torch.long)
+    for a in range(0, len(cov.windows), windows_per_batch):
+        rows = range(a, min(a + windows_per_batch, len(cov.windows)))
+        lay = [window_layout(pos, cov.windows[w], order) for w in rows]
+        spots = np.stack([s for s, _ in lay])  # [b, n_w]
+        offs = np.stack([o for _, o in lay])  # [b, n_w, 2]
+        cond = {"feats": feats[torch.as_tensor(spots)].to(dev).float(), "pos": torch.as_tensor(offs, dtype=torch.float32, device=dev)}
+        prefix = conditioner(cond)  # [b, n_w, D]
+        dummy = torch.zeros(spots.shape + (q,), dtype=torch.long, device=dev)
+        _, types = window_tokens(dummy, offs, tokenizer)  # [b, T]
+        types = types.repeat_interleave(num_samples, 0)  # rows of one window are adjacent
+        ids = generate_fn(prefix, types.shape[1], lambda seq: types[:, : seq.shape[1]], num_samples)  # [b*K, T]
+        codes = window_codes(ids.to("cpu"), q).reshape(len(rows), num_samples, spots.shape[1], q)
+        for i, w in enumerate(rows):
+            own = cov.owner[spots[i]] == w  # [n_w]
+            js = torch.as_tensor(spots[i][own])
+            out[js] = codes[i][:, torch.as_tensor(own)].permute(1, 0, 2)
+            filled[js] += 1
+    if not bool((filled == 1).all()):
+        raise RuntimeError(f"window cover predicted {int((filled != 1).sum())} spot(s) not exactly once")
+    return out, {"n_windows": int(len(cov.windows)), "window_size": int(cov.windows.shape[1])}

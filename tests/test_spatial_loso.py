@@ -1,0 +1,97 @@
+"""scripts/spatial_loso.py: the nesting (inner runs never see the outer fold, the best inner candidate is
+the one trained on the outer fold), mean +- sd over seeds, and collection from the invocation's own
+manifest only (no stale folds)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("spatial_loso", ROOT / "scripts" / "spatial_loso.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["spatial_loso"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+PLAN = {"sections": ["A", "B", "C", "D"], "seeds": [0, 1, 2], "inner_seed": 0, "num_samples": 8, "inner_num_samples": 4,
+        "train": [], "eval": [], "inner_eval": [],
+        "variants": {"w": {"fixed": ["modality.data.sequence=window"], "grid": {"x.k": [1, 2]}}}}
+
+
+def _metrics(test, pcc, ridge=0.1):
+    m = {"test_section": test, "ar_pcc_mean": pcc, "ridge_pcc_mean": ridge, "ar_coverage90": 0.9, "ar_moran_ratio": 1.1,
+         "ridge_moran_ratio": 1.5, "ar_sample_moran_ratio": 0.7}
+    m.update({f"ar_stain_drop_{s}": 0.05 for s in ("low", "medium", "high")})
+    return m
+
+
+def test_nested_selection_never_reads_the_outer_fold(tmp_path):
+    mod = _script()
+    calls = []
+
+    class Fake(mod.Runner):
+        def run(self, key, sections, test, seed, overrides, num_samples, eval_overrides):
+            calls.append((key, tuple(sections), test, seed, tuple(overrides)))
+            good = "x.k=2" in overrides
+            return _metrics(test, (0.2 if good else 0.1) + 0.01 * seed)
+
+    res = mod.nested(Fake(tmp_path, PLAN, dry_run=False), PLAN, ["A"], ["w"], [0, 1, 2])
+    inner = [c for c in calls if "inner" in c[0]]
+    outer = [c for c in calls if "seed" in c[0]]
+    assert len(inner) == 2 * 3 and len(outer) == 3
+    assert all("A" not in c[1] and c[2] != "A" for c in inner)  # the outer fold is not even in the inner section list
+    assert all(c[2] == "A" and "x.k=2" in c[4] for c in outer)  # the better inner candidate is the one run outside
+    r = res["folds"]["A"]["w"]
+    assert r["selected"] == ["x.k=2"] and r["inner_pcc"] == pytest.approx([0.1, 0.2])
+    md = mod.table(res, ["w"])
+    assert "0.210 ± 0.010" in md  # mean +- sd over the three seeds
+    assert "| w | A | x.k=2 |" in md
+
+
+def test_collect_reads_only_its_own_manifest(tmp_path, monkeypatch):
+    mod = _script()
+    plan = dict(PLAN, variants={"w": {"fixed": [], "grid": {}}}, seeds=[0])
+    tag = tmp_path / "runs" / "spatial_loso" / "t"
+    inv = tag / "20260101-000000"
+    inv.mkdir(parents=True)
+    (inv / "invocation.json").write_text(json.dumps({"plan": plan, "folds": ["A"], "variants": ["w"], "seeds": [0]}))
+    stale = tag / "old" / "A" / "w" / "seed0" / "eval" / "metrics.json"  # a fold of an earlier invocation
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps(_metrics("A", 0.777)))
+    monkeypatch.setattr(sys, "argv", ["spatial_loso.py", "--collect", str(inv)])
+    with pytest.raises(SystemExit, match="not finished"):
+        mod.main()
+    mine = inv / "A" / "w" / "seed0" / "eval" / "metrics.json"
+    mine.parent.mkdir(parents=True)
+    mine.write_text(json.dumps(_metrics("A", 0.3)))
+    (inv / "manifest.json").write_text(json.dumps({"runs": {"A/w/seed0": {"metrics": str(mine)}}}))
+    mod.main()
+    assert "0.300 ± 0.000" in (inv / "loso.md").read_text() and "0.777" not in (inv / "loso.md").read_text()
+
+
+def test_plan_file_is_consistent():
+    import yaml
+
+    mod = _script()
+    plan = yaml.safe_load((ROOT / "scripts" / "spatial_loso.yaml").read_text())
+    assert plan["sections"] == ["C2", "C3", "C4", "C5"] and len(plan["seeds"]) == 3
+    for name, v in plan["variants"].items():
+        assert mod._candidates(v.get("grid") or {}), name
+
+
+def test_summary_rows_for_reproduce():
+    mod = _script()
+    res = {"folds": {f: {"w": {"runs": [_metrics(f, 0.2 + 0.01 * s) for s in range(3)]}} for f in ("A", "B")}}
+    rows = mod.summary_rows(res, ["w"], "stamp")
+    assert [r["row"] for r in rows] == ["w A", "w B", "w mean"]
+    assert rows[0]["ar_pcc"] == pytest.approx(0.21) and rows[0]["ar_pcc_sd"] == pytest.approx(0.01)
+    assert rows[2]["ar_over_ridge"] == pytest.approx(2.1) and set(rows[0]) - {"invocation"} <= set(rows[2])
