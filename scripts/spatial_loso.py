@@ -278,7 +278,7 @@ def table(result: dict, variants: list[str]) -> str:
             r = result["folds"][f][v]
             runs = r["runs"]
             ratio = [_get(m, "ar_pcc_mean") / _get(m, "ridge_pcc_mean") for m in runs]
-            drops = " / ".join(_ms([_get(m, f"ar_stain_drop_{s}") for m in runs], 2) for s in ("low", "medium", "high"))
+            drops = " / ".join(_ms([m.get(f"ar_stain_drop_{s}") for m in runs], 2) for s in ("low", "medium", "high"))
             out += (f"| {v} | {f} | {' '.join(r['selected']) or '-'} | {', '.join(f'{x:.3f}' for x in r['inner_pcc'])} "
                     f"| {_ms([_get(m, 'ar_pcc_mean') for m in runs])} | {_ms([_get(m, 'ridge_pcc_mean') for m in runs])} "
                     f"| {_ms(ratio, 2)} | {_ms([_get(m, 'ar_coverage90') for m in runs])} "
@@ -302,6 +302,9 @@ def summary_rows(result: dict, variants: list[str], invocation: str) -> list[dic
             runs = r[v]["runs"]
             row = {"row": f"{v} {f}", "invocation": invocation, "seeds": len(runs)}
             for k, name in keys.items():
+                if k.startswith("ar_stain_drop_") and any(k not in m for m in runs):
+                    row[name] = row[name + "_sd"] = float("nan")  # a strength the plan's robustness check left out
+                    continue
                 vals = [_get(m, k) for m in runs]
                 row[name] = statistics.fmean(vals)
                 row[name + "_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
