@@ -3,11 +3,14 @@ MIDI-folder and JSB-chorales datamodules, a grammar-constrained sampler writing 
 and sample metrics.
 
 Modules: ``tokenizer``, ``data``, ``sampler``, ``evaluate`` (the skeleton every modality shares) and the
-domain extras ``grid`` (JSB grid <-> MIDI), ``midi_io``, ``render``, ``bach``, ``jsb_ensemble``.
+domain extras ``grid`` (JSB grid <-> MIDI), ``chorales`` (music21's corpus chorales as grids with
+fermatas, keys and meters), ``analysis`` (chorale metrics), ``midi_io``, ``render``, ``bach``, ``jsb_ensemble``.
 """
 
 from armodal.modalities.music.bach import convert_bach_chorales
+from armodal.modalities.music.chorales import Chorale, convert_corpus_chorales, load_chorales
 from armodal.modalities.music.data import (
+    ChoraleDataModule,
     JSBDataModule,
     MidiDataModule,
     MidiSkipWarning,
@@ -20,10 +23,13 @@ from armodal.modalities.music.evaluate import MusicEvaluator, compare_sets, piec
 from armodal.modalities.music.grid import grid_to_score, score_to_grid, transpose_grid
 from armodal.modalities.music.midi_io import BadMidiError, read_midi
 from armodal.modalities.music.sampler import MusicSampler
-from armodal.modalities.music.tokenizer import JSBTokenizer, MidiTokenizer, merge_tracks
+from armodal.modalities.music.tokenizer import ChoraleTokenizer, JSBTokenizer, MidiTokenizer, merge_tracks
 
 __all__ = [
     "BadMidiError",
+    "Chorale",
+    "ChoraleDataModule",
+    "ChoraleTokenizer",
     "JSBDataModule",
     "JSBTokenizer",
     "MidiDataModule",
@@ -33,8 +39,10 @@ __all__ = [
     "MusicSampler",
     "compare_sets",
     "convert_bach_chorales",
+    "convert_corpus_chorales",
     "find_midi_files",
     "grid_to_score",
+    "load_chorales",
     "load_jsb",
     "merge_tracks",
     "piece_stats",

@@ -30,9 +30,10 @@ from symusic import Note, Score, Track
 from torch.utils.data import DataLoader, Dataset
 
 from armodal.modalities.base import register_datamodule
+from armodal.modalities.music.chorales import Chorale, load_chorales
 from armodal.modalities.music.grid import NUM_VOICES, transpose_grid
 from armodal.modalities.music.midi_io import DEFAULT_MAX_BYTES, MIDI_SUFFIXES, BadMidiError, read_midi
-from armodal.modalities.music.tokenizer import JSBTokenizer, MidiTokenizer
+from armodal.modalities.music.tokenizer import ChoraleTokenizer, JSBTokenizer, MidiTokenizer
 from armodal.utils.cache import atomic_write, content_key, is_complete, mark_complete, writable_dir
 from armodal.utils.safety import UnsafeTargetError, load_npz_arrays
 from armodal.training.resume import ResumableLoader
@@ -45,6 +46,7 @@ __all__ = [
     "time_stretch",
     "random_transpose",
     "JSBDataModule",
+    "ChoraleDataModule",
     "load_jsb",
     "JSB_FILE",
 ]
@@ -398,21 +400,24 @@ def load_jsb(path: str | Path) -> dict[str, list[np.ndarray]]:
     return splits
 
 
-def _random_transpose(grid: np.ndarray, max_transpose: int, low: int, high: int, rng: np.random.Generator) -> np.ndarray:
-    """A uniformly drawn shift in [-k, k] among those that keep the piece in range."""
+def _random_transpose(piece, max_transpose: int, low: int, high: int, rng: np.random.Generator):
+    """A uniformly drawn shift in [-k, k] among those that keep the piece (a grid or a
+    :class:`Chorale`) in range."""
+    grid = piece.grid if isinstance(piece, Chorale) else piece
     for s in rng.permutation(np.arange(-max_transpose, max_transpose + 1)):
         moved = transpose_grid(grid, int(s), low, high)
         if moved is not None:  # shift 0 always fits, so this ends
-            return moved
-    return grid
+            return piece.transposed(int(s)) if isinstance(piece, Chorale) else moved
+    return piece
 
 
 class _JSBTrainWindows(Dataset):
     """One random window of up to ``window_steps`` steps per piece and epoch, randomly transposed.
 
     Windows start on a beat (a multiple of 4 steps); a window starting at step 0
-    begins with BOS (every token a target), later ones start on a soprano token
-    whose own prediction is masked out (it has no predictor).
+    begins with BOS (every token a target), later ones start with the tokenizer's
+    prefix without BOS (nothing for the JSB grid; the chorale header), which is
+    context, not a target.  Pieces are grids or :class:`Chorale` records.
     """
 
     def __init__(self, grids, tok: JSBTokenizer, window_steps: int, max_transpose: int, start_prob: float) -> None:
@@ -431,7 +436,7 @@ class _JSBTrainWindows(Dataset):
         start = 0 if (n_beats == 0 or rng.random() < self.start_prob) else 4 * int(rng.integers(1, n_beats + 1))
         window = grid[start : start + self.window_steps]
         ids = self.tok.encode(window, bos=start == 0, eos=start + self.window_steps >= len(grid))
-        return ids, 0  # every token after the first is a target
+        return ids, 0 if start == 0 else self.tok.prefix_len(False)  # (ids, leading non-target tokens)
 
 
 class _JSBEvalWindows(Dataset):
@@ -453,7 +458,7 @@ class _JSBEvalWindows(Dataset):
                 start = max(0, new_end - window_steps)
                 start += (-start) % 4  # keep windows on beats (the type stream may carry the beat)
                 ids = tok.encode(grid[start:new_end], bos=start == 0, eos=False)
-                skip = (1 if start == 0 else 0) + NUM_VOICES * (end - start)  # already-scored tokens
+                skip = tok.prefix_len(start == 0) + NUM_VOICES * (end - start)  # prefix + already-scored tokens
                 self.items.append((ids, skip))
                 end = new_end
 
@@ -545,3 +550,37 @@ class JSBDataModule(pl.LightningDataModule):
         """The raw grids of a split ("train", "valid", "test"), for evaluators and prompts."""
         self.setup()
         return self.splits[split]
+
+
+@register_datamodule("music.chorales")
+class ChoraleDataModule(JSBDataModule):
+    """Bach's chorales from music21's corpus (:mod:`armodal.modalities.music.chorales`) on the JSB grid,
+    with a key / meter / pickup header and soprano fermatas (:class:`ChoraleTokenizer`).
+
+    ``path`` is the ``.npz`` written by :func:`~armodal.modalities.music.chorales.convert_corpus_chorales`
+    (``datasets/bach_chorales/chorales.npz``); its ``split`` field (JSB-aligned) picks the pieces of
+    ``train`` / ``valid`` / ``test``; ``excluded`` pieces are never used.  Windows, transposition
+    and scoring are those of :class:`JSBDataModule`; the header tokens of a piece's first window
+    are targets (a sample starts by choosing key, meter and pickup).
+    """
+
+    def __init__(self, path: str, hold_types: int = 8, meters: tuple[int, ...] | list[int] = (12, 16, 24),
+                 **kwargs) -> None:
+        super().__init__(path, hold_types=hold_types, **kwargs)
+        self.tokenizer = ChoraleTokenizer(hold_types=hold_types, meters=tuple(meters))
+
+    @property
+    def max_seq_len(self) -> int:
+        """Longest sequence a batch can hold: BOS + header + window + EOS."""
+        return NUM_VOICES * self.window_steps + 2 + self.tokenizer.prefix_len(False)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is None:
+            chorales = load_chorales(self.path)
+            meters = set(self.tokenizer.meters)
+            self.splits = {k: [c for c in chorales if c.split == k and c.bar_len in meters]
+                           for k in ("train", "valid", "test")}
+            if not self.splits["train"]:
+                raise ValueError(f"{self.path}: no training chorales (splits: "
+                                 f"{sorted({c.split for c in chorales})})")
+            log.info("corpus chorales: %s pieces", {k: len(v) for k, v in self.splits.items()})

@@ -1,7 +1,10 @@
 """Sample metrics for music: generated pieces against held-out pieces.
 
-All statistics are computed on :class:`symusic.Score` objects, so they apply to
-the MIDI tokenizers and to the JSB grid alike:
+Four-voice grids (JSB, corpus chorales) are measured with the chorale metrics of
+:mod:`armodal.modalities.music.analysis` (polyphony, note density, pitch-class
+histogram L1, key stability, voice crossings, parallel fifths / octaves, cadences
+at fermatas).  MIDI event tokenizers get these note statistics, computed on
+:class:`symusic.Score` objects:
 
 * ``pitch_class_hist_l1``: L1 distance (0..2) between the pooled pitch-class
   histograms of the samples and of the held-out pieces;
@@ -18,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,7 +29,10 @@ from symusic import Score
 
 from armodal.modalities.base import register_evaluator
 
-__all__ = ["piece_stats", "pitch_class_histogram", "compare_sets", "MusicEvaluator"]
+__all__ = ["piece_stats", "pitch_class_histogram", "compare_sets", "as_chorale", "MusicEvaluator"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from armodal.modalities.music.chorales import Chorale
 
 log = logging.getLogger(__name__)
 
@@ -87,36 +93,120 @@ def compare_sets(samples: list[Score], reference: list[Score]) -> dict[str, floa
     return out
 
 
+def as_chorale(piece) -> "Chorale":
+    """A held-out piece (a :class:`Chorale`, or a JSB grid: 4/4 from step 0, no fermatas, the key
+    from music21's profiles) as a :class:`Chorale` for the chorale metrics."""
+    from armodal.modalities.music.analysis import _pc_weights, key_of
+    from armodal.modalities.music.chorales import Chorale
+
+    if isinstance(piece, Chorale):
+        return piece
+    grid = np.asarray(piece, dtype=np.float64)
+    tonic, mode = key_of(_pc_weights(grid).sum(0)) or (0, "major")
+    return Chorale("piece", grid, np.zeros(len(grid), dtype=bool), tonic, mode, 16, 0)
+
+
 @register_evaluator("music")
 class MusicEvaluator:
     """``armodal-eval`` hook: sample ``num_samples`` pieces and compare them with held-out pieces.
 
-    ``split`` names the held-out split (JSB: "valid"/"test"; MIDI folders: "val"/"test").
-    Sampling settings default to the unconstrained model distribution
+    ``split`` names the held-out split (JSB and corpus chorales: "valid"/"test"; MIDI folders:
+    "val"/"test").  Sampling settings default to the unconstrained model distribution
     (temperature 1, no top-k/top-p) so the statistics describe the model.
+
+    Grid tokenizers (JSB, corpus chorales) get the chorale metrics of
+    :mod:`armodal.modalities.music.analysis` (``music/sample_<stat>``, ``music/ref_<stat>`` for the
+    held-out pieces, ``music/<rate>_rel_err``); MIDI event tokenizers the note statistics of
+    :func:`compare_sets`.  ``ensemble_shifts`` (JSB grid only, e.g. ``[-2, -1, 0, 1, 2]``) adds the
+    NLL of the transposition ensemble (:mod:`armodal.modalities.music.jsb_ensemble`) on valid and
+    test, beside the single model's.  ``harmonize=true`` (grid tokenizers) harmonises the soprano of
+    every piece of ``harmonize_split`` (:mod:`armodal.modalities.music.harmonize`): the chorale
+    metrics of one sampled harmonisation per piece against Bach's own (``music/harmonize/*``), the
+    share of alto / tenor / bass voice-step tokens equal to Bach's under greedy decoding, and a check
+    that every result keeps the soprano exactly.
     """
 
     def __init__(self, num_samples: int = 16, split: str | None = None, max_new_tokens: int | None = None,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 unconstrained_check: bool = True) -> None:
+                 unconstrained_check: bool = True, batch_size: int = 32,
+                 ensemble_shifts: list[int] | None = None, harmonize: bool = False, harmonize_split: str = "test",
+                 harmonize_limit: int | None = None) -> None:
         self.num_samples, self.split, self.max_new_tokens = num_samples, split, max_new_tokens
         self.temperature, self.top_k, self.top_p, self.seed = temperature, top_k, top_p, seed
-        self.unconstrained_check = unconstrained_check
+        self.unconstrained_check, self.batch_size = unconstrained_check, max(1, int(batch_size))
+        self.ensemble_shifts = None if ensemble_shifts is None else [int(s) for s in ensemble_shifts]
+        self.harmonize, self.harmonize_split, self.harmonize_limit = bool(harmonize), harmonize_split, harmonize_limit
+        if self.harmonize:  # the harmonisation decoder is built on the one settings object (GenerationConfig)
+            try:
+                from armodal.generation import GenerationConfig  # noqa: F401
+            except ImportError:
+                raise ValueError("evaluator.harmonize=true needs armodal.generation.GenerationConfig, which this "
+                                 "build does not have yet") from None
 
-    def _reference(self, datamodule) -> tuple[list[Score], str]:
-        if hasattr(datamodule, "pieces"):  # JSB grid
-            from armodal.modalities.music.grid import grid_to_score
-
+    def _reference(self, datamodule) -> tuple[list, str]:
+        if hasattr(datamodule, "pieces"):  # grids: JSB or corpus chorales
             split = self.split or "valid"
-            return [grid_to_score(g) for g in datamodule.pieces(split)], split
+            return datamodule.pieces(split), split
         split = self.split or "val"
         return datamodule.scores(split), split
 
     def _sample(self, model, constrained: bool, max_new: int) -> tuple[list[torch.Tensor], int]:
-        out = model.generate(num_samples=self.num_samples, max_new_tokens=max_new, constrained=constrained,
-                             temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
-        seqs = [out.ids[i, : out.lengths[i]].cpu() for i in range(out.ids.shape[0])]
+        seqs: list[torch.Tensor] = []
+        for start in range(0, self.num_samples, self.batch_size):
+            n = min(self.batch_size, self.num_samples - start)
+            out = model.generate(num_samples=n, max_new_tokens=max_new, constrained=constrained,
+                                 temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                                 seed=self.seed + start)
+            seqs += [out.ids[i, : out.lengths[i]].cpu() for i in range(n)]
         return seqs, int(sum(len(s) - 1 for s in seqs))
+
+    def _ensemble(self, model, datamodule) -> dict:
+        from armodal.modalities.music.jsb_ensemble import transposition_ensemble_nll
+        from armodal.modalities.music.tokenizer import ChoraleTokenizer, JSBTokenizer
+
+        tok = model.tokenizer
+        if not isinstance(tok, JSBTokenizer) or isinstance(tok, ChoraleTokenizer):
+            raise ValueError(f"evaluator.ensemble_shifts: the transposition ensemble scores the JSB voice-step "
+                             f"grid only; this checkpoint's tokenizer is {type(tok).__name__}")
+        out = {}
+        for split in ("valid", "test"):
+            r = transposition_ensemble_nll(model.net.eval(), tok, datamodule.eval_dataset(split), self.ensemble_shifts)
+            out[f"music/ensemble_{split}_nll"] = r["nll"]
+            out[f"music/ensemble_{split}_nll_single"] = r["nll_single"]
+            out[f"music/ensemble_{split}_tokens"] = r["tokens"]
+        out["music/ensemble_shifts"] = self.ensemble_shifts
+        return out
+
+    def _harmonize(self, model, datamodule, config) -> dict:
+        from armodal.modalities.music.analysis import compare_chorales
+        from armodal.modalities.music.harmonize import harmonize, melody_from_chorale
+        from armodal.modalities.music.tokenizer import ChoraleTokenizer
+
+        tok = model.tokenizer
+        if not hasattr(tok, "to_chorale"):
+            raise ValueError(f"evaluator.harmonize: harmonisation needs a four-voice grid tokenizer; this checkpoint's "
+                             f"tokenizer is {type(tok).__name__}")
+        pieces = [as_chorale(p) for p in datamodule.pieces(self.harmonize_split)][: self.harmonize_limit]
+        known = isinstance(tok, ChoraleTokenizer)  # JSB grids carry no fermatas (and the JSB tokenizer none)
+        sampled, kept, same, total = [], 0, 0, 0
+        for i, piece in enumerate(pieces):
+            melody = melody_from_chorale(piece)
+            ids = harmonize(model, melody, known, config.replace(seed=self.seed + i), 1, where=piece.name)[0]
+            sampled.append(tok.to_chorale(ids))
+            greedy = tok.to_chorale(harmonize(model, melody, known, config.replace(strategy="greedy", seed=None), 1,
+                                              where=piece.name)[0])
+            for h in (sampled[-1], greedy):
+                kept += int(np.array_equal(h.grid[:, 0], piece.grid[:, 0], equal_nan=True))
+            atb_bach, atb = np.nan_to_num(piece.grid[:, 1:], nan=-1), np.nan_to_num(greedy.grid[:, 1:], nan=-1)
+            same += int((atb_bach == atb).sum())
+            total += atb_bach.size
+        out = {f"music/harmonize/{k}": v for k, v in compare_chorales(sampled, pieces).items()}
+        out.update({
+            "music/harmonize/split": self.harmonize_split, "music/harmonize/pieces": len(pieces),
+            "music/harmonize/atb_accuracy_greedy": same / max(total, 1),
+            "music/harmonize/soprano_kept": kept / max(2 * len(pieces), 1),
+        })
+        return out
 
     def __call__(self, model, datamodule, out_dir: str | Path, num_samples: int | None = None, **_: Any) -> dict:
         if num_samples:
@@ -127,15 +217,25 @@ class MusicEvaluator:
         max_new = self.max_new_tokens or (model.net.config.max_seq_len - 1)
         seqs, n_tok = self._sample(model, True, max_new)
         errors = sum(tok.grammar_errors(s) for s in seqs)
-        scores = [tok.to_score(s) for s in seqs]
-        metrics = {f"music/{k}": v for k, v in compare_sets(scores, reference).items()}
+        if hasattr(tok, "to_chorale"):
+            from armodal.modalities.music.analysis import compare_chorales
+
+            metrics = {f"music/{k}": v for k, v in compare_chorales(
+                [tok.to_chorale(s) for s in seqs], [as_chorale(p) for p in reference]).items()}
+        else:
+            metrics = {f"music/{k}": v for k, v in compare_sets([tok.to_score(s) for s in seqs], reference).items()}
         metrics.update({
             "music/num_samples": len(seqs), "music/reference_split": split, "music/reference_pieces": len(reference),
-            "music/grammar_error_rate": errors / max(1, n_tok), "music/sample_tokens": n_tok,
+            "music/grammar_error_rate": errors / max(1, n_tok), "music/grammar_errors": errors,
+            "music/sample_tokens": n_tok,
         })
         if self.unconstrained_check:
             useqs, un_tok = self._sample(model, False, max_new)
             metrics["music/grammar_error_rate_unconstrained"] = sum(tok.grammar_errors(s) for s in useqs) / max(1, un_tok)
+        if self.ensemble_shifts is not None:
+            metrics.update(self._ensemble(model, datamodule))
+        if self.harmonize:
+            metrics.update(self._harmonize(model, datamodule, self._config()))
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "music_metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -13,11 +13,27 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from symusic import Score
 
-__all__ = ["JSB_LOW", "JSB_HIGH", "NUM_VOICES", "VOICE_NAMES", "grid_to_score", "score_to_grid", "transpose_grid"]
+__all__ = ["JSB_LOW", "JSB_HIGH", "NUM_VOICES", "VOICE_NAMES", "grid_to_score", "score_to_grid", "transpose_grid",
+           "voice_notes"]
 
 JSB_LOW, JSB_HIGH = 36, 81  # pitch range of the dataset (inclusive)
 NUM_VOICES = 4  # soprano, alto, tenor, bass
 VOICE_NAMES = ("soprano", "alto", "tenor", "bass")
+
+
+def voice_notes(col: np.ndarray) -> list[tuple[int, int, int]]:
+    """One voice column [T] (pitch or NaN) -> notes (start step, end step, pitch); a held pitch is one note."""
+    out, t = [], 0
+    while t < len(col):
+        if np.isnan(col[t]):
+            t += 1
+            continue
+        start = t
+        while t + 1 < len(col) and col[t + 1] == col[start]:
+            t += 1
+        out.append((start, t + 1, int(col[start])))
+        t += 1
+    return out
 
 
 def grid_to_score(grid: np.ndarray, qpm: float = 80.0, tpq: int = 480, velocity: int = 80) -> "Score":
@@ -30,17 +46,8 @@ def grid_to_score(grid: np.ndarray, qpm: float = 80.0, tpq: int = 480, velocity:
     score.time_signatures.append(TimeSignature(0, 4, 4))
     for v, name in enumerate(VOICE_NAMES):
         track = Track(name, 52 if v < 2 else 0, False)  # choir aahs / piano
-        col = grid[:, v] if len(grid) else np.zeros(0)
-        t = 0
-        while t < len(col):
-            if np.isnan(col[t]):
-                t += 1
-                continue
-            start = t
-            while t + 1 < len(col) and col[t + 1] == col[start]:
-                t += 1
-            track.notes.append(Note(start * step, (t + 1 - start) * step, int(col[start]), velocity))
-            t += 1
+        for start, end, pitch in voice_notes(grid[:, v] if len(grid) else np.zeros(0)):
+            track.notes.append(Note(start * step, (end - start) * step, pitch, velocity))
         score.tracks.append(track)
     return score
 
