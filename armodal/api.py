@@ -89,7 +89,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = T
             cond.load_state_dict(_sub_state(state, prefix + "conditioner."))
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not match the saved model config ({' '.join(str(e).split())[:300]})") from None
-    return ARModel(net, tokenizer, cond, cfg, str(path)).to(device).eval()
+    return ARModel(net, tokenizer, cond, cfg, str(path), loader=load).to(device).eval()
 
 
 def load_stage(path: str | Path, device: str | torch.device = "cpu", expect_modality: str | None = None):

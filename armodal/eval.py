@@ -1,4 +1,4 @@
-"""``armodal-eval ckpt=PATH [data.KEY=V ...]``: NLL on val/test plus the modality's own metrics."""
+"""``armodal-eval ckpt=PATH [data.KEY=V ...] [generation.KEY=V ...]``: NLL on val/test plus the modality's own metrics."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def _test_loader(dm) -> tuple[object | None, str | None]:
 
 def evaluate(cfg: DictConfig) -> dict:
     from armodal.api import is_ar_config, load, load_checkpoint_meta, load_stage
+    from armodal.ar_model import nest_settings
 
     register_resolvers()
     if not cfg.get("ckpt"):
@@ -63,8 +64,15 @@ def evaluate(cfg: DictConfig) -> dict:
     default = ckpt.parent / f"{ckpt.name}-eval" if ckpt.is_dir() else ckpt.parent.parent  # never inside an export
     out = Path(cfg.out) if cfg.get("out") else default / "eval_metrics.json"
     if saved.modality.get("evaluator") is not None and cfg.get("domain_metrics", True):
-        evaluator = instantiate(saved.modality.evaluator, **OmegaConf.to_container(OmegaConf.create(cfg.get("evaluator") or {}), resolve=True))
-        metrics.update(evaluator(model=model, datamodule=dm, out_dir=out.parent, num_samples=cfg.num_samples))
+        evaluator = instantiate(nest_settings(saved.modality.evaluator),
+                                **OmegaConf.to_container(OmegaConf.create(cfg.get("evaluator") or {}), resolve=True))
+        settings = OmegaConf.to_container(OmegaConf.create(cfg.get("generation") or {}), resolve=True)
+        kw = {}
+        if getattr(evaluator, "generation", None) is not None:  # its defaults, then the command line's settings
+            kw["config"] = evaluator.generation.replace(**{k: v for k, v in settings.items() if v is not None})
+        elif settings:
+            raise ValueError(f"{type(evaluator).__name__} takes no generation settings (got {sorted(settings)})")
+        metrics.update(evaluator(model=model, datamodule=dm, out_dir=out.parent, num_samples=cfg.num_samples, **kw))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2, default=str))
     print(json.dumps(metrics, indent=2, default=str))

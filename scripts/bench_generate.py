@@ -50,12 +50,12 @@ from bench_common import (  # scripts/ is on sys.path when a script in it runs
     model_shape, param_report, sync,
 )
 
-from armodal.generation import SamplingParams, generate
+from armodal.generation import GenerationConfig, generate
 from armodal.generation.fast import FastDecoder, set_weight_layout
 from armodal.generation.quantize import quantize_weights, weight_bytes
 
-GREEDY = SamplingParams(greedy=True)
-SAMPLED = SamplingParams(temperature=1.0, top_k=50)
+GREEDY = GenerationConfig(strategy="greedy", compile="false")  # the eager engine; ours_fast brings its own decoder
+SAMPLED = GenerationConfig(temperature=1.0, top_k=50, compile="false")
 QUANT = {"int8": "int8", "int4": "int4", "int8dyn": "int8_dynamic"}
 
 
@@ -94,7 +94,7 @@ class Ours:
             set_weight_layout(net, o["layout"])
 
     def run(self, ids, new):
-        kw = {"max_new_tokens": new, "sampling": self.sampling}
+        kw = {"max_new_tokens": new, "config": self.sampling}
         if not self.sampling.is_greedy:
             kw["generator"] = torch.Generator(ids.device).manual_seed(self.seed)
         if self.fast is not None:
@@ -113,7 +113,7 @@ class NoCache:
         self.net, self.sampling = net, sampling
 
     def run(self, ids, new):
-        return generate(self.net, ids, max_new_tokens=new, sampling=self.sampling, use_cache=False,
+        return generate(self.net, ids, max_new_tokens=new, config=self.sampling, use_cache=False,
                         generator=torch.Generator(ids.device).manual_seed(0)).ids
 
     def close(self):

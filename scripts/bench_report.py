@@ -1,5 +1,5 @@
 """Render the benchmark JSONs as markdown tables (bench_generate, bench_train, bench_speculative,
-quantize_nll, bench_sequence_cost, bench_linear_kernels).
+bench_strategies, quantize_nll, bench_sequence_cost, bench_linear_kernels).
 
     python scripts/bench_report.py docs/bench_generate_cpu.json docs/bench_train_cpu.json ...
 """
@@ -44,6 +44,30 @@ def train_table(r: dict) -> str:
                    f"{100 * row['mfu']:.1f}% | {_f(row['peak_mem_mib'])} | {row['warmup_s']} |")
     if r["errors"]:
         out.append("errors: " + json.dumps(r["errors"]))
+    return "\n".join(out)
+
+
+def strategies_table(r: dict) -> str:
+    t, d = r["target"], r["draft"]
+    out = [f"`{r['command']}`  (target {t['params']:,} params, {t['n_layer']} layers x {t['d_model']}"
+           + (f"; draft {d['params']:,} params, {d['n_layer']} layers x {d['d_model']}" if d else "")
+           + f"; load average start {r['env']['load_average_start']}, end {r['load_average_end']})", "",
+           "| contender | T | acceptance | tokens/target fwd | plain tok/s | strategy tok/s | speed-up | greedy identical |",
+           "|---|---|---|---|---|---|---|---|"]
+    for row in r["strategies"]:
+        out.append(f"| {row['contender']} | {row['temperature']} | {100 * row['acceptance_rate']:.1f}% | "
+                   f"{row['tokens_per_target_forward']} | {row['plain_tokens_per_s']} | {row['strategy_tokens_per_s']} | "
+                   f"{row['speedup']}x | {row.get('greedy_identical', '–')} |")
+    out += ["", "| front door (compile=auto) | batch | new | ARModel.generate s | engine s | overhead |", "|---|---|---|---|---|---|"]
+    for row in r["front_door"]:
+        out.append(f"| | {row['batch']} | {row['new_tokens']} | {row['front_door_s']} | {row['engine_s']} | "
+                   f"{100 * row['overhead']:+.1f}% |")
+    if r.get("compile_check"):
+        out += ["", "| compile check | batch | new | eager s | compiled, 1st call s | compiled, later s | identical |",
+                "|---|---|---|---|---|---|---|"]
+        for row in r["compile_check"]:
+            out.append(f"| | {row['batch']} | {row['new_tokens']} | {row['eager_s']} | {row['compiled_first_call_s']} | "
+                       f"{row['compiled_later_call_s']} | {row['identical']} |")
     return "\n".join(out)
 
 
@@ -104,7 +128,7 @@ def main(paths):
     for p in paths:
         r = json.load(open(p))
         fn = {"generate": generate_table, "train": train_table, "speculative": speculative_table,
-              "quantize_nll": quantize_table, "sequence_cost": sequence_table,
+              "strategies": strategies_table, "quantize_nll": quantize_table, "sequence_cost": sequence_table,
               "linear_kernels": kernels_table}[r["benchmark"]]
         print(f"### {p}\n\n{fn(r)}\n")
 

@@ -24,7 +24,8 @@ import torch
 
 from bench_common import emit, load_average  # scripts/ is on sys.path when a script in it runs
 
-from armodal.generation.processors import SamplingParams, process, sample
+from armodal.generation import GenerationConfig
+from armodal.generation.processors import process, sample
 
 
 def topk_only(logits: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
@@ -45,7 +46,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     start = load_average()
-    sp = SamplingParams(temperature=1.0, top_k=args.top_k)
+    sp = GenerationConfig(temperature=1.0, top_k=args.top_k)
     g = torch.Generator().manual_seed(0)
     results = {}
     for b in map(int, args.batch.split(",")):

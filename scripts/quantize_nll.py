@@ -98,7 +98,7 @@ def main(argv=None):
         t = time.perf_counter()
         total, count, argmaxes = val_pass(net, model, batches)
         model.net = net
-        gen = model.generate(seqs, max_new_tokens=args.new, greedy=True).ids[:, args.prompt:]
+        gen = model.generate(seqs, max_new_tokens=args.new, strategy="greedy").ids[:, args.prompt:]
         model.net = ref_net
         row = {"nll": round(total / count, 5), "tokens": int(count), "bytes": weight_bytes(net),
                "seconds": round(time.perf_counter() - t, 1)}

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 import armodal
 from armodal.eval import evaluate
-from armodal.generate import generate
+from armodal.generate import generate, route_overrides
 from armodal.train import train
 from armodal.training.checkpoint import CheckpointError, read_checkpoint
 from armodal.utils.config import ROOT_DIR
@@ -56,9 +56,9 @@ def test_load_generate_and_eval_on_written_checkpoint(trained_run, tmp_path):
     ckpt = run_dir / "checkpoints" / "best.ckpt"
     model = armodal.load(ckpt)
     assert model.tokenizer.vocab_size == 35 and model.modality == "tokens"
-    out = model.generate(ids=torch.tensor([[model.tokenizer.bos_id, 3, 5, 7, 9]]), max_new_tokens=10, greedy=True)
+    out = model.generate(ids=torch.tensor([[model.tokenizer.bos_id, 3, 5, 7, 9]]), max_new_tokens=10, strategy="greedy")
     assert out.ids[0, 5:10].tolist() == [11, 13, 15, 17, 19]  # start 3, step 2: a test-split progression
-    gcfg = compose_cfg("generate", [f"ckpt={ckpt}", "num_samples=3", f"out_dir={tmp_path / 'gen'}", "temperature=0.8"])
+    gcfg = compose_cfg("generate", route_overrides([f"ckpt={ckpt}", "num_samples=3", f"out_dir={tmp_path / 'gen'}", "temperature=0.8"]))
     summary = generate(gcfg)
     assert summary["num_samples"] == 3 and (tmp_path / "gen" / "samples.json").is_file()
     ecfg = compose_cfg("eval", [f"ckpt={ckpt}", f"out={tmp_path / 'eval.json'}", "data.batch_size=8"])

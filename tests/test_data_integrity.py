@@ -341,5 +341,5 @@ def test_long_prompt_is_truncated_with_a_warning(tmp_path):
     assert len(tok.prompt_ids(__import__("symusic").Score(str(prompt)), str(prompt))) > 128
     with pytest.warns(UserWarning, match=r"long.mid: the prompt has \d+ tokens, too many for max_seq_len=128.*"
                                          r"truncated to its first \d+ tokens"):
-        res = MusicSampler(max_new_tokens=40, audio=False)(model, 1, tmp_path / "out", prompt=str(prompt), seed=0)
+        res = MusicSampler({"max_new_tokens": 40, "seed": 0}, audio=False)(model, 1, tmp_path / "out", prompt=str(prompt))
     assert res["num_samples"] == 1 and 2 <= res["prompt_tokens"] <= 128 - 40 and res["grammar_errors"] == [0]

@@ -25,6 +25,7 @@ from armodal.modalities.image import (
     sample_images,
     save_vq,
 )
+from armodal.generation import GenerationConfig
 from armodal.modalities.base import load_tokenizer
 
 SMALL = dict(channels=[8, 16, 16], codebook_size=32, code_dim=4)
@@ -141,35 +142,36 @@ def test_class_conditioner_dropout_and_uncond():
 
 
 def test_cfg_scale_zero_equals_unconditional():
-    from armodal.generation import SamplingParams, generate
+    from armodal.generation import generate
 
     model = _tiny_model()
     labels = torch.tensor([0, 1, 2])
-    guided = model.generate(cond=labels, max_new_tokens=49, cfg_scale=0.0, greedy=True).ids
+    guided = model.generate(cond=labels, max_new_tokens=49, cfg_scale=0.0, strategy="greedy").ids
     tok = model.tokenizer
-    uncond = generate(model.net, max_new_tokens=49, prefix=model.conditioner.uncond(labels),
-                      sampling=SamplingParams(greedy=True), types_fn=tok.types, allowed_fn=tok.allowed_next,
-                      pad_id=tok.pad_id).ids
+    uncond = generate(model.net, max_new_tokens=49, prefix=model.conditioner.uncond(labels), strategy="greedy",
+                      types_fn=tok.types, allowed_fn=tok.allowed_next, pad_id=tok.pad_id).ids
     assert torch.equal(guided, uncond)
-    cond = model.generate(cond=labels, max_new_tokens=49, cfg_scale=1.0, greedy=True).ids
+    cond = model.generate(cond=labels, max_new_tokens=49, cfg_scale=1.0, strategy="greedy").ids
     assert not torch.equal(cond, uncond)  # the class prefix does change the output
 
 
 def test_sample_images_shape_dtype_and_sampler_files(tmp_path):
     model = _tiny_model()
-    imgs = sample_images(model, torch.tensor([0, 2, 1, 1]), cfg_scale=2.0, top_k=10, top_p=0.9, batch_size=3)
+    imgs = sample_images(model, torch.tensor([0, 2, 1, 1]), batch_size=3, cfg_scale=2.0, top_k=10, top_p=0.9, seed=0)
     assert imgs.shape == (4, 1, 28, 28) and imgs.dtype == torch.uint8
-    summary = ImageSampler(cfg_scale=2.0)(model, 2, tmp_path, temperature=0.8, seed=3)
+    summary = ImageSampler({"cfg_scale": 2.0})(model, 2, tmp_path, config=GenerationConfig(cfg_scale=2.0, temperature=0.8, seed=3))
     grid = Image.open(summary["grid"])
     assert summary["num_images"] == 6 and len(list((tmp_path / "images").glob("*.png"))) == 6
     assert grid.size[1] > grid.size[0]  # 3 rows (classes) x 2 columns
     one = Image.open(summary["files"][0])
     assert one.size == (28, 28) and one.mode == "L"
     # same seed -> same samples
-    again = sample_images(model, torch.tensor([0, 2, 1, 1]), cfg_scale=2.0, top_k=10, top_p=0.9, batch_size=3)
+    again = sample_images(model, torch.tensor([0, 2, 1, 1]), batch_size=3, cfg_scale=2.0, top_k=10, top_p=0.9, seed=0)
     assert torch.equal(imgs, again)
-    with pytest.raises(TypeError, match="unknown settings"):
+    with pytest.raises(TypeError, match=r"ImageSampler got unknown input\(s\) \['bogus'\]; it takes \['classes', 'batch_size'\]"):
         ImageSampler()(model, 1, tmp_path, bogus=1)
+    with pytest.raises(TypeError, match="generation settings go in config="):
+        ImageSampler()(model, 1, tmp_path, temperature=0.5)
 
 
 def test_frechet_distance_properties():

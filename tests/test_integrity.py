@@ -143,8 +143,8 @@ def test_export_loads_without_unpickling_anything(run, tmp_path, monkeypatch):
     for k, v in ref.net.state_dict().items():
         torch.testing.assert_close(model.net.state_dict()[k], v, rtol=0, atol=0)
     prompt = torch.tensor([[ref.tokenizer.bos_id, 3, 5]])
-    assert torch.equal(model.generate(prompt, max_new_tokens=8, greedy=True).ids,
-                       ref.generate(prompt, max_new_tokens=8, greedy=True).ids)
+    assert torch.equal(model.generate(prompt, max_new_tokens=8, strategy="greedy").ids,
+                       ref.generate(prompt, max_new_tokens=8, strategy="greedy").ids)
 
 
 def test_export_refuses_edited_files(run, tmp_path):

@@ -199,7 +199,7 @@ def test_music_evaluator_reference_statistics_on_a_known_chorale(tmp_path):
     torch.manual_seed(0)
     net = build_transformer(vocab_size=dm.tokenizer.vocab_size, num_types=dm.tokenizer.num_types, n_layer=1,
                             n_head=2, d_model=16, max_seq_len=70)
-    m = MusicEvaluator(num_samples=2, max_new_tokens=16)(ARModel(net.eval(), dm.tokenizer), dm, tmp_path)
+    m = MusicEvaluator(num_samples=2, generation={"max_new_tokens": 16})(ARModel(net.eval(), dm.tokenizer), dm, tmp_path)
     # held notes: S 72 (8 steps), A 67 then 69 (4 + 4), T 64 (8), B 48 (last 4): 5 onsets in 2 quarters;
     # 3 voices sound in steps 0-3 and 4 in steps 4-7; range 72 - 48
     assert m["music/reference_pieces"] == 1 and m["music/ref_notes"] == 5

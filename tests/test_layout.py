@@ -115,7 +115,7 @@ def test_tokens_evaluator_on_a_model(tmp_path):
     torch.manual_seed(0)
     net = build_transformer(vocab_size=dm.tokenizer.vocab_size, d_model=16, n_layer=1, n_head=2, max_seq_len=32)
     model = ARModel(net, dm.tokenizer).eval()
-    m = TokensEvaluator(num_samples=6, max_new_tokens=14)(model, dm, tmp_path / "out")
+    m = TokensEvaluator(num_samples=6, generation={"max_new_tokens": 14})(model, dm, tmp_path / "out")
     assert all(isinstance(v, float) for v in m.values()), m
     samples = json.loads((tmp_path / "out" / "tokens_samples.json").read_text())
     assert len(samples) == 6 and m["tokens/num_samples"] == 6.0

@@ -342,23 +342,23 @@ def test_constrained_samples_decode_to_valid_midi(kind, tmp_path):
 def test_sampler_writes_midi_png_and_continues_prompts(tmp_path):
     tok = MidiTokenizer("midilike", beat_res={"0_4": 4}, num_velocities=4)
     model = tiny_model(tok, 256)
-    sampler = MusicSampler(max_new_tokens=60, audio=False)
-    res = sampler(model, 2, tmp_path / "out", seed=1)
+    sampler = MusicSampler({"max_new_tokens": 60, "seed": 1}, audio=False)
+    res = sampler(model, 2, tmp_path / "out")
     assert len(res["midi"]) == 2 and len(res["images"]) == 2 and res["grammar_errors"] == [0, 0]
     assert all(Path(p).stat().st_size > 0 for p in res["midi"] + res["images"])
     prompt = tmp_path / "prompt.mid"
     make_score(3).dump_midi(str(prompt))
-    res = sampler(model, 2, tmp_path / "cont", prompt=str(prompt), prompt_tokens=40, seed=1)
+    res = sampler(model, 2, tmp_path / "cont", prompt=str(prompt), prompt_tokens=40)
     assert 2 <= res["prompt_tokens"] <= 40 and res["grammar_errors"] == [0, 0]
     assert (tmp_path / "cont" / "prompt.mid").is_file()
-    res = sampler(model, 1, tmp_path / "bars", prompt=str(prompt), prompt_bars=1, seed=1)
+    res = sampler(model, 1, tmp_path / "bars", prompt=str(prompt), prompt_bars=1)
     assert res["prompt_tokens"] > 2
 
 
 def test_jsb_samples_are_four_voice_chorales(tmp_path):
     tok = JSBTokenizer()
     model = tiny_model(tok, 140)
-    res = MusicSampler(max_new_tokens=129, qpm=80, audio=False)(model, 3, tmp_path, seed=0)
+    res = MusicSampler({"max_new_tokens": 129, "seed": 0}, qpm=80, audio=False)(model, 3, tmp_path)
     assert res["grammar_errors"] == [0, 0, 0]
     for p in res["midi"]:
         score = Score(p)
@@ -367,7 +367,7 @@ def test_jsb_samples_are_four_voice_chorales(tmp_path):
     # a 4-voice prompt continues; a piano file is refused with a message naming it
     prompt = tmp_path / "prompt.mid"
     grid_to_score(random_grid(np.random.default_rng(1), 16)).dump_midi(str(prompt))
-    res = MusicSampler(max_new_tokens=41, audio=False)(model, 1, tmp_path / "c", prompt=str(prompt), prompt_tokens=33)
+    res = MusicSampler({"max_new_tokens": 41}, audio=False)(model, 1, tmp_path / "c", prompt=str(prompt), prompt_tokens=33)
     assert res["prompt_tokens"] == 33
     piano = tmp_path / "piano.mid"
     make_score(0).dump_midi(str(piano))
@@ -379,7 +379,7 @@ def test_evaluator_metrics(tmp_path):
     path = write_jsb(tmp_path / "Jsb16thSeparated.npz")
     dm = JSBDataModule(str(path), window_steps=16, stride_steps=8)
     model = tiny_model(dm.tokenizer, 70)
-    m = MusicEvaluator(num_samples=3, max_new_tokens=64)(model, dm, tmp_path)
+    m = MusicEvaluator(num_samples=3, generation={"max_new_tokens": 64})(model, dm, tmp_path)
     assert m["music/grammar_error_rate"] == 0.0 and m["music/num_samples"] == 3
     assert 0 <= m["music/pitch_class_hist_l1"] <= 2 and m["music/ref_polyphony"] > 1
     assert (tmp_path / "music_metrics.json").is_file()

@@ -64,7 +64,7 @@ def test_experiment_configs_compose(experiment, modality):
 def test_midi_folder_train_generate_eval(kind, tmp_path, monkeypatch):
     from armodal.api import load
     from armodal.eval import evaluate
-    from armodal.generate import generate
+    from armodal.generate import generate, route_overrides
     from armodal.train import train
 
     monkeypatch.setenv("ARMODAL_CACHE", str(tmp_path / "cache"))
@@ -72,7 +72,7 @@ def test_midi_folder_train_generate_eval(kind, tmp_path, monkeypatch):
     run = tmp_path / "run"
     train(_compose("train", ["experiment=music_bach", f"modality.data.tokenizer.kind={kind}", f"modality.data.root={root}",
                              f"run_dir={run}", "model.max_seq_len=96", "modality.data.batch_size=4",
-                             "modality.sampler.max_new_tokens=40", *SMALL_MODEL, *SHRINK]))
+                             "++modality.sampler.generation.max_new_tokens=40", *SMALL_MODEL, *SHRINK]))
     assert (run / "tokenizer" / "miditok.json").is_file()
     assert sorted(run.glob("samples/*/sample_00.png")), "the training callback wrote no piano roll"
     ckpt = run / "checkpoints" / "last.ckpt"
@@ -81,35 +81,35 @@ def test_midi_folder_train_generate_eval(kind, tmp_path, monkeypatch):
     prompt = tmp_path / "prompt.mid"
     make_score(7).dump_midi(str(prompt))
     out = tmp_path / "gen"
-    summary = generate(_compose("generate", [f"ckpt={ckpt}", "num_samples=2", f"out_dir={out}", "max_new_tokens=30",
-                                             f"prompt={prompt}", "prompt_tokens=20", "top_k=20", "temperature=0.9"]))
+    summary = generate(_compose("generate", route_overrides([f"ckpt={ckpt}", "num_samples=2", f"out_dir={out}", "max_new_tokens=30",
+                                             f"prompt={prompt}", "prompt_tokens=20", "top_k=20", "temperature=0.9"])))
     assert len(summary["midi"]) == 2 and summary["grammar_errors"] == [0, 0]
     assert (out / "sample_01.mid").is_file() and (out / "sample_01.png").is_file()
     assert summary["audio"] or "fluidsynth" in summary.get("audio_note", "")
 
     m = evaluate(_compose("eval", [f"ckpt={ckpt}", f"out={tmp_path / 'eval.json'}", "num_samples=2",
-                                   "++evaluator.max_new_tokens=30"]))
+                                   "++generation.max_new_tokens=30"]))
     assert m["val"]["tokens"] > 0 and m["music/grammar_error_rate"] == 0.0
     assert "music/pitch_class_hist_l1" in json.loads((tmp_path / "eval.json").read_text())
 
 
 def test_jsb_train_generate_eval_on_fixture(tmp_path):
     from armodal.eval import evaluate
-    from armodal.generate import generate
+    from armodal.generate import generate, route_overrides
     from armodal.train import train
 
     path = write_jsb(tmp_path / "jsb_chorales" / "Jsb16thSeparated.npz")
     run = tmp_path / "run"
     train(_compose("train", ["experiment=music_jsb", f"paths.data_dir={tmp_path}", f"run_dir={run}",
                              "modality.data.window_steps=16", "modality.data.stride_steps=8", "model.max_seq_len=66",
-                             "modality.sampler.max_new_tokens=33", *SMALL_MODEL, *SHRINK]))
+                             "modality.sampler.generation.max_new_tokens=33", *SMALL_MODEL, *SHRINK]))
     ckpt = run / "checkpoints" / "last.ckpt"
     summary = generate(_compose("generate", [f"ckpt={ckpt}", "num_samples=2", f"out_dir={tmp_path / 'gen'}"]))
     from symusic import Score
 
     assert all(len(Score(p).tracks) == 4 for p in summary["midi"]) and summary["grammar_errors"] == [0, 0]
     m = evaluate(_compose("eval", [f"ckpt={ckpt}", f"out={tmp_path / 'eval.json'}", "num_samples=2",
-                                   "++evaluator.max_new_tokens=32"]))
+                                   "++generation.max_new_tokens=32"]))
     n_valid = 4 * sum(len(g) for g in load_jsb(path)["valid"])
     assert m["val"]["tokens"] == n_valid  # the generic val NLL covers exactly the voice-step tokens
     assert m["music/grammar_error_rate"] == 0.0

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from armodal.generation import SamplingParams, beam_search, generate
+from armodal.generation import GenerationConfig, generate
 from armodal.generation.fast import FastDecoder, compile_step, default_compile_mode
 from armodal.models import build_transformer
 
-GREEDY = SamplingParams(greedy=True)
+GREEDY = GenerationConfig(strategy="greedy")
 
 
 def tiny(num_types: int = 0, seed: int = 0):
@@ -31,38 +31,38 @@ def test_static_step_eager_matches_sliced_engine():
     def types_fn(x):
         return torch.arange(x.shape[1]).remainder(3).expand(x.shape[0], -1)
 
-    ref = generate(m, ids, max_new_tokens=12, sampling=GREEDY, types_fn=types_fn).ids
+    ref = generate(m, ids, max_new_tokens=12, config=GREEDY, types_fn=types_fn).ids
     fast = FastDecoder(m, max_batch=4, max_len=40, mode="eager")
-    out = fast.generate(ids, max_new_tokens=12, sampling=GREEDY, types_fn=types_fn).ids
+    out = fast.generate(ids, max_new_tokens=12, config=GREEDY, types_fn=types_fn).ids
     assert torch.equal(out, ref)
     # caches persist across calls and serve a smaller batch / shorter prompt unchanged
     k_buf = m.blocks[0].attn.kv_cache.k
-    out2 = fast.generate(ids[:2, :3], max_new_tokens=9, sampling=GREEDY, types_fn=types_fn).ids
+    out2 = fast.generate(ids[:2, :3], max_new_tokens=9, config=GREEDY, types_fn=types_fn).ids
     assert m.blocks[0].attn.kv_cache.k is k_buf
     fast.close()
     assert not m.has_caches
-    assert torch.equal(out2, generate(m, ids[:2, :3], max_new_tokens=9, sampling=GREEDY, types_fn=types_fn).ids)
+    assert torch.equal(out2, generate(m, ids[:2, :3], max_new_tokens=9, config=GREEDY, types_fn=types_fn).ids)
 
 
 def test_persistent_caches_do_not_leak_between_calls_sampling():
     """Stale slots from a longer earlier call must not change a later (sampled) call."""
     m = tiny()
     fast = FastDecoder(m, max_batch=2, max_len=48, mode="eager")
-    fast.generate(torch.randint(0, 97, (2, 20)), max_new_tokens=20, sampling=GREEDY)  # fill the cache
+    fast.generate(torch.randint(0, 97, (2, 20)), max_new_tokens=20, config=GREEDY)  # fill the cache
     ids = torch.randint(0, 97, (2, 4))
-    sp = SamplingParams(temperature=0.9, top_k=20)
-    a = fast.generate(ids, max_new_tokens=10, sampling=sp, generator=torch.Generator().manual_seed(3)).ids
+    sp = GenerationConfig(temperature=0.9, top_k=20)
+    a = fast.generate(ids, max_new_tokens=10, config=sp, generator=torch.Generator().manual_seed(3)).ids
     fast.close()
-    b = generate(m, ids, max_new_tokens=10, sampling=sp, generator=torch.Generator().manual_seed(3)).ids
+    b = generate(m, ids, max_new_tokens=10, config=sp, generator=torch.Generator().manual_seed(3)).ids
     assert torch.equal(a, b)
 
 
 def test_beam_search_with_persistent_caches():
     m = tiny()
     ids = torch.randint(0, 97, (2, 4))
-    ref = beam_search(m, ids, beam_size=3, max_new_tokens=6)
+    ref = generate(m, ids, strategy="beam", num_beams=3, max_new_tokens=6)
     fast = FastDecoder(m, max_batch=6, max_len=16, mode="eager")
-    out = beam_search(m, ids, beam_size=3, max_new_tokens=6)
+    out = generate(m, ids, strategy="beam", num_beams=3, max_new_tokens=6)
     assert m.has_caches  # kept: the persistent caches served the beams
     fast.close()
     assert torch.equal(out.ids, ref.ids)
@@ -85,19 +85,19 @@ def test_compiled_step_gives_eager_tokens():
     torch._dynamo.reset()
     m = tiny()
     ids = torch.randint(0, 97, (2, 6))
-    ref = generate(m, ids, max_new_tokens=16, sampling=GREEDY).ids
+    ref = generate(m, ids, max_new_tokens=16, config=GREEDY).ids
     fast = FastDecoder(m, max_batch=2, max_len=24)
     assert fast.mode == "default"
-    out = fast.generate(ids, max_new_tokens=16, sampling=GREEDY).ids
+    out = fast.generate(ids, max_new_tokens=16, config=GREEDY).ids
     assert torch.equal(out, ref)
     # another prompt length reuses the same graph (no recompilation)
     from torch._dynamo.utils import counters
 
     before = counters["stats"]["unique_graphs"]
-    out2 = fast.generate(ids[:, :3], max_new_tokens=10, sampling=GREEDY).ids
+    out2 = fast.generate(ids[:, :3], max_new_tokens=10, config=GREEDY).ids
     assert counters["stats"]["unique_graphs"] == before
     fast.close()
-    assert torch.equal(out2, generate(m, ids[:, :3], max_new_tokens=10, sampling=GREEDY).ids)
+    assert torch.equal(out2, generate(m, ids[:, :3], max_new_tokens=10, config=GREEDY).ids)
 
 
 def test_compile_step_eager_mode_is_uncompiled():
@@ -151,9 +151,9 @@ def test_frozen_compiled_step_gives_eager_tokens():
     torch._dynamo.reset()
     m = tiny()
     ids = torch.randint(0, 97, (2, 6))
-    ref = generate(m, ids, max_new_tokens=12, sampling=GREEDY).ids
+    ref = generate(m, ids, max_new_tokens=12, config=GREEDY).ids
     fast = FastDecoder(m, max_batch=2, max_len=24, mode="freeze")
-    out = fast.generate(ids, max_new_tokens=12, sampling=GREEDY).ids
+    out = fast.generate(ids, max_new_tokens=12, config=GREEDY).ids
     fast.close()
     assert torch.equal(out, ref)
 
@@ -163,7 +163,7 @@ def test_top_k_sampling_draws_from_the_top_k_distribution():
     from armodal.generation import process, sample
 
     logits = torch.tensor([2.0, 0.5, 1.0, -1.0, 1.5, 0.0])
-    sp = SamplingParams(temperature=0.8, top_k=3)
+    sp = GenerationConfig(temperature=0.8, top_k=3)
     n = 40000
     draws = sample(process(logits.expand(n, -1), sp), sp, torch.Generator().manual_seed(0))
     counts = torch.bincount(draws, minlength=6).float() / n

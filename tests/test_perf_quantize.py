@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from armodal.generation import SamplingParams, generate
+from armodal.generation import GenerationConfig, generate
 from armodal.generation.fast import FastDecoder
 from armodal.generation.quantize import (
     Int4WeightLinear, Int8WeightLinear, QUANTIZE_MODES, quantize_weights, weight_bytes,
@@ -15,7 +15,7 @@ from armodal.generation.quantize import (
 from armodal.models import build_transformer
 from armodal.training.loss import next_token_nll
 
-GREEDY = SamplingParams(greedy=True)
+GREEDY = GenerationConfig(strategy="greedy")
 V = 48
 
 
@@ -68,8 +68,8 @@ def test_quantised_greedy_and_nll_match_fp32(trained, mode, nll_tol, match):
     assert summary["linears"] == 2 * 4 + 1
     assert abs(nll(q, held_out) - ref_nll) / ref_nll <= nll_tol
     prompts = held_out[:16, :4]
-    a = generate(net, prompts, max_new_tokens=40, sampling=GREEDY).ids
-    b = generate(q, prompts, max_new_tokens=40, sampling=GREEDY).ids
+    a = generate(net, prompts, max_new_tokens=40, config=GREEDY).ids
+    b = generate(q, prompts, max_new_tokens=40, config=GREEDY).ids
     assert (a[:, 4:] == b[:, 4:]).float().mean() >= match
 
 
@@ -79,13 +79,13 @@ def test_int8_fast_decoder_equals_eager_int8_engine(trained):
     q = copy.deepcopy(net)
     quantize_weights(q, "int8")
     prompts = held_out[:3, :5]
-    ref = generate(q, prompts, max_new_tokens=12, sampling=GREEDY).ids
+    ref = generate(q, prompts, max_new_tokens=12, config=GREEDY).ids
     fast = FastDecoder(q, max_batch=4, max_len=24, mode="eager")
-    assert torch.equal(fast.generate(prompts, max_new_tokens=12, sampling=GREEDY).ids, ref)
+    assert torch.equal(fast.generate(prompts, max_new_tokens=12, config=GREEDY).ids, ref)
     fast.close()
     torch._dynamo.reset()
     fast = FastDecoder(q, max_batch=4, max_len=24)  # compiled (inductor default mode on the CPU)
-    assert torch.equal(fast.generate(prompts, max_new_tokens=12, sampling=GREEDY).ids, ref)
+    assert torch.equal(fast.generate(prompts, max_new_tokens=12, config=GREEDY).ids, ref)
     fast.close()
 
 

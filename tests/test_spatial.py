@@ -354,7 +354,7 @@ def test_tiny_end_to_end_cpu(tmp_path, monkeypatch, variant):
     from armodal.api import load
     from armodal.ar_model import ARModel
     from armodal.eval import evaluate
-    from armodal.generate import generate
+    from armodal.generate import generate, route_overrides
     from armodal.train import train
 
     monkeypatch.setenv("ARMODAL_CACHE", str(tmp_path / "cache"))
@@ -405,7 +405,7 @@ def test_tiny_end_to_end_cpu(tmp_path, monkeypatch, variant):
     assert (pred.layers["std"] >= 0).all() and (pred.layers["q05"] <= pred.layers["q95"] + 1e-6).all()
     assert Path(m["images"][0]).stat().st_size > 1000
 
-    s = generate(_compose("generate", [f"ckpt={ckpt}", "num_samples=4", f"out_dir={tmp_path / 'gen'}", "+sampler.section=B"]))
+    s = generate(_compose("generate", route_overrides([f"ckpt={ckpt}", "num_samples=4", f"out_dir={tmp_path / 'gen'}", "section=B"])))
     assert s["section"] == "B" and s["num_samples"] == 4 and Path(s["images"][0]).is_file()
     assert ad.read_h5ad(s["h5ad"]).n_obs == 36
     # a new slide without counts, through the saved encoder: the same image with a grid over the tissue

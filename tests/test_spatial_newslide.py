@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from armodal.generation import GenerationConfig
 from armodal.modalities.spatial.newslide import grid_spots, new_section, read_spots_csv, tissue_mask
 from armodal.modalities.spatial import SpatialDataError
 
@@ -157,7 +158,7 @@ def test_predict_new_slide_writes_h5ad_and_maps(tmp_path, how):
     else:
         kw = {"spots": "grid", "spot_um": 12.5}
     sampler = SpatialSampler(data=None, image=str(path), um_per_px=0.5, **kw)
-    s = sampler(model, 4, tmp_path / "out", temperature=1.0, seed=3)
+    s = sampler(model, 4, tmp_path / "out", GenerationConfig(temperature=1.0, seed=3))
     pred = ad.read_h5ad(s["h5ad"])
     assert pred.n_obs == s["n_spots"] and pred.n_vars == 6
     assert pred.n_obs == (49 if how == "csv" else 64)  # 7 x 7 listed spots; a 25-px grid over the 200x200-px tissue
@@ -166,7 +167,7 @@ def test_predict_new_slide_writes_h5ad_and_maps(tmp_path, how):
     assert np.isfinite(pred.X).all() and s["n_windows"] > 1 and s["layout"]["order"] == "hilbert"
     assert (tmp_path / "out" / "slide_maps.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="cfg_scale.*not supported by modality 'spatial'"):
-        sampler(model, 4, tmp_path / "out2", cfg_scale=2.0)
+        sampler(model, 4, tmp_path / "out2", GenerationConfig(cfg_scale=2.0))
 
 
 def test_new_slide_refusals_through_the_sampler(tmp_path):

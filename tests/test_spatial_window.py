@@ -115,16 +115,19 @@ def test_changing_a_spot_never_changes_earlier_spots(tok):
 
 
 def test_spot_by_spot_sampling_predicts_every_spot_once(tok):
+    from armodal.ar_model import ARModel
+    from armodal.generation import GenerationConfig
     from armodal.modalities.spatial.predict import _engine
 
     pos, expr, feats = _section(n_side=7)
     net, cond = _model(tok)
     g = torch.Generator().manual_seed(0)
     calls = []
+    engine = _engine(ARModel(net, tok, cond), GenerationConfig(), g)
 
     def gen(prefix, t, types_fn, k):
         calls.append((prefix.shape, t, k))
-        return _engine(net, tok, 1.0, 0, 1.0, g)(prefix, t, types_fn, k)
+        return engine(prefix, t, types_fn, k)
 
     out, info = sample_windows(net, cond, tok, feats, pos, 5, size=12, order="raster", generate_fn=gen, windows_per_batch=3)
     n = len(pos)

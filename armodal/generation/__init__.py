@@ -1,8 +1,16 @@
-"""Decoding: pure logits processors and cached decode loops."""
+"""Decoding: one settings object, one engine, every strategy.
 
-from armodal.generation.decode import GenerationOutput, beam_search, generate, speculative_generate
+* :class:`GenerationConfig` -- the settings (strategy, temperature ... seed), declared once;
+* :func:`generate` -- the front door: ``generate(net, ids, config, **overrides)``;
+* :class:`Engine` -- prefill, token step, caches, guidance, types, grammar (:mod:`.engine`);
+* strategies -- :mod:`.sampling` (sample, greedy), :mod:`.beam`, :mod:`.speculative`, :mod:`.lookahead`;
+* :class:`~armodal.generation.fast.FastDecoder` -- persistent static caches + compiled step (:mod:`.fast`);
+* logits processors -- small pure functions (:mod:`.processors`).
+"""
+
+from armodal.generation.config import STRATEGIES, GenerationConfig, UnsupportedSetting, unsupported
+from armodal.generation.engine import Engine, GenerationOutput, Tokens, generate, seeded_generator
 from armodal.generation.processors import (
-    SamplingParams,
     cfg_mix,
     greedy,
     mask_disallowed,
@@ -15,11 +23,16 @@ from armodal.generation.processors import (
     top_k,
     top_p,
 )
+from armodal.generation.speculative import Draft
 
 __all__ = [
+    "Draft",
+    "Engine",
+    "GenerationConfig",
     "GenerationOutput",
-    "SamplingParams",
-    "beam_search",
+    "STRATEGIES",
+    "Tokens",
+    "UnsupportedSetting",
     "cfg_mix",
     "generate",
     "greedy",
@@ -29,8 +42,9 @@ __all__ = [
     "process",
     "repetition_penalty",
     "sample",
-    "speculative_generate",
+    "seeded_generator",
     "temperature",
     "top_k",
     "top_p",
+    "unsupported",
 ]

@@ -6,7 +6,7 @@ shape, which a compiled graph (and a CUDA graph above all) cannot take.  The fas
 path here keeps every shape fixed instead:
 
 * the caches are allocated once, ``max_batch`` x ``max_len`` slots per layer, and kept
-  between calls (``model.persistent_caches``), so the buffers never move;
+  between calls (``model.setup_caches(..., persistent=True)``), so the buffers never move;
 * the single-token step attends to the whole static cache with the causal mask row of
   its position (no ``kv_len`` slicing inside the graph), so one graph serves every step;
 * the prompt is prefilled separately by the eager forward (variable length).
@@ -19,12 +19,16 @@ gives them, so every batch-1 product is an MKL GEMV streaming at close to the me
 bandwidth.  (``freeze`` mode would re-pack them into oneDNN's blocked format, which
 streams a single row at about half that speed: 24.8 vs 29.5 tok/s at 124M, 2 threads.)
 
-Usage::
+Role: the decode engine (:mod:`.engine`) runs every strategy; a ``FastDecoder`` only
+supplies it with persistent static caches and a compiled forward for the fixed-width
+calls (the single-token step; the verify width of speculative / lookahead decoding).
+``compile=true`` (or ``auto`` where it measures faster, :func:`use_compile`) makes the
+engine take the model's decoder from :func:`decoder_for`, which grows its caches to fit
+each call.  Usage by hand::
 
     fast = FastDecoder(model, max_batch=1, max_len=512)
-    out = fast.generate(ids, max_new_tokens=256, sampling=SamplingParams(greedy=True))
-    # or plug the step into the engine yourself (with persistent caches set up):
-    generate(model, ids, max_new_tokens=..., step_fn=fast.step)
+    out = fast.generate(ids, max_new_tokens=256, strategy="greedy")
+    # or: armodal.generation.generate(model, ids, config, decoder=fast)
 
 The compiled step reads the weights as they are when it is first called; call
 :meth:`FastDecoder.reset` after changing them (e.g. between training and sampling).
@@ -32,11 +36,14 @@ The compiled step reads the weights as they are when it is first called; call
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
-from armodal.generation.decode import GenerationOutput, generate
+from armodal.generation.config import GenerationConfig
+from armodal.generation.engine import GenerationOutput, generate
 
-__all__ = ["FastDecoder", "compile_step", "default_compile_mode", "set_weight_layout"]
+__all__ = ["FastDecoder", "compile_step", "decoder_for", "default_compile_mode", "release", "set_weight_layout", "use_compile"]
 
 
 def default_compile_mode(device: torch.device | str) -> str:
@@ -81,7 +88,7 @@ def _fresh(x: torch.Tensor) -> torch.Tensor:
 
 
 def compile_step(mode: str = "default", dynamic: bool = False):
-    """A ``step_fn(model, tok, types, input_pos)`` for :func:`generate`, compiled with ``mode``.
+    """A ``step(model, tok [B, n], types, input_pos [n]) -> logits [B, n, V]`` compiled with ``mode``.
 
     ``mode`` is a ``torch.compile`` mode (``default``, ``reduce-overhead``,
     ``max-autotune``, ``max-autotune-no-cudagraphs``; ``default`` is the CPU default),
@@ -110,11 +117,13 @@ def compile_step(mode: str = "default", dynamic: bool = False):
 
 
 class FastDecoder:
-    """Static-cache, compiled-step decoding for one model (see the module docstring).
+    """Persistent static caches plus a compiled fixed-shape forward for one model (see the module docstring).
 
     ``max_batch`` x ``max_len`` bounds every later call: rows (x2 with classifier-free
-    guidance) and prefix + prompt + new tokens.  Keep ``max_len`` near what you need:
-    each step attends to all ``max_len`` slots.
+    guidance, x num_beams with beam search) and prefix + prompt + new tokens.  Keep
+    ``max_len`` near what you need: each step attends to all ``max_len`` slots.  With
+    ``grow=True`` (the decoders of :func:`decoder_for`) a larger call re-allocates the
+    caches instead of failing; ``max_batch=0`` then allocates on the first call.
     """
 
     def __init__(
@@ -124,10 +133,12 @@ class FastDecoder:
         max_len: int | None = None,
         mode: str | None = None,
         weight_layout: str | None = None,
+        grow: bool = False,
     ) -> None:
-        self.model = model
+        self._model = weakref.ref(model)  # the registry below must not keep models alive
         self.max_batch = int(max_batch)
         self.max_len = int(max_len or model.config.max_seq_len)
+        self.grow = grow
         device = next(model.parameters()).device
         self.mode = mode or default_compile_mode(device)
         # CPU: [in, out] weights make batch-1 GEMVs stream faster; CUDA: leave cuBLAS its layout
@@ -135,41 +146,85 @@ class FastDecoder:
         if self.weight_layout:
             set_weight_layout(model, self.weight_layout)
         self.step = compile_step(self.mode)
-        self._setup()
+        if self.max_batch:
+            self._setup()
+
+    @property
+    def model(self):
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model of this FastDecoder no longer exists")
+        return model
 
     def _setup(self) -> None:
-        self.model.setup_caches(self.max_batch, self.max_len)
-        self.model.persistent_caches = (self.max_batch, self.max_len)
+        self.model.setup_caches(self.max_batch, self.max_len, persistent=True)
+
+    def ensure(self, rows: int, length: int) -> None:
+        """Make the caches hold ``rows`` x ``length`` (grow them, or fail with the bounds)."""
+        if rows > self.max_batch or length > self.max_len:
+            if not self.grow:
+                raise ValueError(
+                    f"this call needs {rows} rows x {length} positions; the decoder was built for "
+                    f"max_batch={self.max_batch} x max_len={self.max_len}"
+                )
+            fresh = self.max_batch == 0
+            self.max_batch = max(rows, self.max_batch)
+            want = min(-(-length // 64) * 64, self.model.config.max_seq_len)  # round up: fewer re-allocations
+            self.max_len = want if fresh else max(want, self.max_len)
+            self._setup()
+        elif not self.model.has_caches or not self.model.caches_persistent:  # someone cleared them: put them back
+            self._setup()
+        self.model.eval()
 
     def reset(self) -> None:
         """Recompile from scratch (after the weights changed) and re-zero the caches."""
         torch.compiler.reset()
         self.step = compile_step(self.mode)
-        self._setup()
+        if self.max_batch:
+            self._setup()
 
     def close(self) -> None:
         """Release the caches: the model goes back to the plain forward."""
-        self.model.persistent_caches = None
         self.model.clear_caches()
+        if _DECODERS.get(self.model) is self:
+            del _DECODERS[self.model]
 
-    def generate(self, ids: torch.Tensor | None = None, **kwargs) -> GenerationOutput:
-        """:func:`armodal.generation.generate` with the compiled step; same arguments."""
+    def generate(self, ids: torch.Tensor | None = None, config: GenerationConfig | None = None, **kwargs) -> GenerationOutput:
+        """:func:`armodal.generation.generate` through this decoder; same arguments."""
         if kwargs.get("use_cache", True) is False:
             raise ValueError("FastDecoder always decodes with its static cache")
-        rows = (1 if ids is None else ids.shape[0]) * kwargs.get("num_return_sequences", 1)
-        prefix = kwargs.get("prefix")
-        if prefix is not None:
-            rows = prefix.shape[0] * kwargs.get("num_return_sequences", 1)
-        if kwargs.get("uncond_prefix") is not None and kwargs.get("cfg_scale", 1.0) != 1.0:
-            rows *= 2
-        length = (0 if ids is None else ids.shape[1]) + (0 if prefix is None else prefix.shape[1])
-        length += kwargs["max_new_tokens"]
-        if rows > self.max_batch or length > self.max_len:
-            raise ValueError(
-                f"this call needs {rows} rows x {length} positions; the decoder was built for "
-                f"max_batch={self.max_batch} x max_len={self.max_len}"
-            )
-        self.model.eval()
-        if not self.model.has_caches:  # someone cleared them: put them back
-            self._setup()
-        return generate(self.model, ids, step_fn=self.step, **kwargs)
+        return generate(self.model, ids, config, decoder=self, **kwargs)
+
+
+# ----------------------------------------------------------------------------- the engine's choice
+_DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, FastDecoder]" = weakref.WeakKeyDictionary()
+
+
+def decoder_for(model) -> FastDecoder:
+    """The model's shared, growing decoder (compiled step, persistent caches), built on first use."""
+    dec = _DECODERS.get(model)
+    if dec is None:
+        dec = _DECODERS[model] = FastDecoder(model, max_batch=0, grow=True)
+    return dec
+
+
+def release(model) -> bool:
+    """Close the model's :func:`decoder_for` decoder, if it has one (frees its caches)."""
+    dec = _DECODERS.get(model)
+    if dec is None:
+        return False
+    dec.close()
+    return True
+
+
+def use_compile(config: GenerationConfig, device: torch.device | str, strategy: str | None = None) -> bool:
+    """Whether ``config.compile`` turns the compiled step on for this device and strategy.
+
+    ``true`` / ``false`` are obeyed; ``auto`` turns it on only where it measured faster
+    (see docs/bench_generation_*.json): on CUDA (CUDA graphs remove the per-kernel launch
+    cost that dominates small-batch decoding); not on the CPU, where inductor's compile
+    (tens of seconds) outweighs its per-token saving at the lengths these models generate.
+    """
+    if config.compile != "auto":
+        return config.compile == "true"
+    return torch.device(device).type == "cuda"

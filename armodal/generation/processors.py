@@ -2,18 +2,18 @@
 
 Each returns new logits with disallowed entries set to ``-inf``; none mutates its
 input.  :func:`process` composes them in the usual order (penalty, mask,
-temperature, top-k, top-p, min-p) and :func:`probs` turns the result into the
-distribution that sampling, and speculative decoding's accept test, both use.
+temperature, top-k, top-p, min-p) as a :class:`GenerationConfig` asks, and
+:func:`probs` turns the result into the distribution that sampling, beam
+search's scores and the speculative accept test all use.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from armodal.generation.config import GenerationConfig
+
 __all__ = [
-    "SamplingParams",
     "greedy",
     "temperature",
     "top_k",
@@ -28,20 +28,6 @@ __all__ = [
 ]
 
 NEG_INF = float("-inf")
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0  # <= 0 or greedy=True means argmax
-    top_k: int = 0  # keep the k most likely tokens; 0 = off
-    top_p: float = 1.0  # nucleus: smallest set with cumulative prob >= p; 1 = off
-    min_p: float = 0.0  # drop tokens with prob < min_p * max prob; 0 = off
-    repetition_penalty: float = 1.0  # CTRL-style penalty on tokens already present; 1 = off
-    greedy: bool = False
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.greedy or self.temperature <= 0
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
@@ -111,7 +97,7 @@ def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Ten
 
 def process(
     logits: torch.Tensor,
-    params: SamplingParams,
+    params: GenerationConfig,
     prev_ids: torch.Tensor | None = None,
     allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -127,14 +113,14 @@ def process(
     return min_p(x, params.min_p)
 
 
-def probs(processed: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+def probs(processed: torch.Tensor, params: GenerationConfig) -> torch.Tensor:
     """Distribution [B, V] that :func:`sample` draws from (one-hot for greedy)."""
     if params.is_greedy:
         return torch.nn.functional.one_hot(processed.argmax(-1), processed.shape[-1]).float()
     return processed.softmax(dim=-1)
 
 
-def sample(processed: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(processed: torch.Tensor, params: GenerationConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw next ids [B] from processed logits.
 
     With top-k on, the draw is made among the k largest entries only: :func:`process` has set

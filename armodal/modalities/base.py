@@ -32,11 +32,12 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from armodal.generation.config import GenerationConfig
 from armodal.utils import registry
 from armodal.utils.registry import (
     register_conditioner,
@@ -251,9 +252,38 @@ class MissingSplitError(LookupError):
 class Sampler(ABC):
     """Turns a loaded :class:`armodal.ar_model.ARModel` (``model``) into files (MIDI, PNG, h5ad...).
 
-    ``__call__`` returns a JSON-serialisable summary (paths written, metrics).
-    Keyword overrides given on the ``armodal-generate`` command line arrive as kwargs.
+    * ``generation``: the modality's default settings, a mapping of
+      :class:`~armodal.generation.GenerationConfig` fields (``modality.sampler.generation``
+      in the config), kept as ``self.generation``;
+    * ``__call__(model, num_samples, out_dir, config=None, **inputs)``: ``config`` is the
+      settings object to use (``None``: ``self.generation``), handed on to
+      ``model.generate`` untouched; ``inputs`` are the modality's own inputs (a prompt
+      file, classes, a section ...), named in the class attribute ``inputs``; any other
+      keyword is an error naming the sampler and what it takes;
+    * it returns a JSON-serialisable summary (paths written, metrics), listing the files it
+      wrote under the keys of ``OUTPUT_KINDS``.
+
+    ``armodal-generate`` builds ``config`` as ``self.generation`` with the command line's
+    settings applied, and passes its other keys as ``inputs``.
     """
 
+    inputs: tuple[str, ...] = ()  # names of the modality inputs __call__ takes
+
+    def __init__(self, generation: Mapping[str, Any] | GenerationConfig | None = None) -> None:
+        self.generation = generation if isinstance(generation, GenerationConfig) else GenerationConfig.from_dict(
+            generation, source=f"{type(self).__name__} generation defaults")
+
     @abstractmethod
-    def __call__(self, model: Any, num_samples: int, out_dir: str | Path, **overrides: Any) -> dict: ...
+    def __call__(self, model: Any, num_samples: int, out_dir: str | Path, config: GenerationConfig | None = None,
+                 **inputs: Any) -> dict: ...
+
+    def settings(self, config: GenerationConfig | None, inputs: Mapping[str, Any]) -> GenerationConfig:
+        """Check ``inputs`` against ``self.inputs`` and return the settings to use."""
+        unknown = sorted(set(inputs) - set(self.inputs))
+        if unknown:
+            settings = set(GenerationConfig.field_names())
+            hint = " (generation settings go in config=, not as inputs)" if settings & set(unknown) else ""
+            raise TypeError(f"{type(self).__name__} got unknown input(s) {unknown}; it takes {list(self.inputs)}{hint}")
+        if config is not None and not isinstance(config, GenerationConfig):
+            raise TypeError(f"{type(self).__name__}: config must be a GenerationConfig, got {type(config).__name__}")
+        return self.generation if config is None else config

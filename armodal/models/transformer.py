@@ -175,6 +175,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         self.register_buffer("rope", rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_base), persistent=False)
         self.causal_mask: torch.Tensor | None = None
+        self.caches_persistent = False  # set by setup_caches(persistent=True): decode calls keep and reuse them
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("wo.weight") or name.endswith("w2.weight"):
@@ -185,8 +186,15 @@ class Transformer(nn.Module):
             nn.init.normal_(m.weight, 0.0, self.config.init_std)
 
     # -- caches --------------------------------------------------------------------
-    def setup_caches(self, max_batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
-        """Allocate a static KV cache of ``max_batch`` x ``max_len`` slots in every layer."""
+    def setup_caches(
+        self, max_batch: int, max_len: int | None = None, dtype: torch.dtype | None = None, persistent: bool = False
+    ) -> None:
+        """Allocate a static KV cache of ``max_batch`` x ``max_len`` slots in every layer.
+
+        ``persistent`` caches outlive a decode call: the decode engine reuses them while
+        they are large enough (compiled steps need buffers that never move); plain ones
+        are dropped by the call that set them up.
+        """
         max_len = max_len or self.config.max_seq_len
         if max_len > self.config.max_seq_len:
             raise ValueError(f"cache length {max_len} exceeds max_seq_len={self.config.max_seq_len}")
@@ -196,12 +204,14 @@ class Transformer(nn.Module):
             a = blk.attn
             blk.attn.kv_cache = KVCache(max_batch, max_len, a.n_kv_head, a.head_dim, dtype, ref.device)
         self.causal_mask = torch.tril(torch.ones(max_len, max_len, dtype=torch.bool, device=ref.device))
+        self.caches_persistent = persistent
 
     def clear_caches(self) -> None:
         """Drop the caches: the model goes back to the plain causal forward."""
         for blk in self.blocks:
             blk.attn.kv_cache = None
         self.causal_mask = None
+        self.caches_persistent = False
 
     @property
     def has_caches(self) -> bool:

@@ -50,7 +50,7 @@ ROOT_DIR = _CHECKOUT if _CHECKOUT is not None else Path.cwd()
 
 
 # config -> override groups whose keys may be added from the command line (data.batch_size=8 ...)
-OPEN_GROUPS = {"generate": ("sampler",), "eval": ("data", "evaluator")}
+OPEN_GROUPS = {"generate": ("sampler", "generation", "inputs"), "eval": ("data", "evaluator", "generation")}
 
 
 def register_resolvers() -> None:

@@ -64,7 +64,7 @@ def experiments(tmp):
     write_jsb(tmp / "jsb" / "jsb_chorales" / "Jsb16thSeparated.npz")
     chorales = write_chorales(tmp / "chorales.npz")
     short = ["model.max_seq_len=64", "model.d_model=32", "model.n_layer=1", "model.n_head=2",
-             "modality.evaluator.num_samples=2", "modality.sampler.max_new_tokens=24"]
+             "modality.evaluator.num_samples=2", "++modality.sampler.generation.max_new_tokens=24"]
     return {
         "music_bach": [f"modality.data.root={midi}", "modality.data.convert_music21_bach=false",
                        "modality.data.val_fraction=0.25", "modality.data.test_fraction=0.25", *short],

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from armodal.generation import GenerationConfig
 from armodal.modalities.base import register_evaluator
 
 
@@ -15,13 +16,13 @@ def is_periodic(s: str, max_period: int = 3) -> bool:
 
 @register_evaluator("toy")
 class ToyEvaluator:
-    def __init__(self, num_samples: int = 16, max_new_tokens: int = 20, seed: int = 0) -> None:
-        self.num_samples, self.max_new_tokens, self.seed = num_samples, max_new_tokens, seed
+    def __init__(self, num_samples: int = 16, generation=None) -> None:
+        self.num_samples = num_samples
+        self.generation = GenerationConfig.from_dict(generation or {"max_new_tokens": 20, "seed": 0})
 
     def __call__(self, model: Any, datamodule: Any, out_dir: str | Path, num_samples: int | None = None,
-                 **_: Any) -> dict:
-        out = model.generate(num_samples=int(num_samples or self.num_samples), max_new_tokens=self.max_new_tokens,
-                             seed=self.seed)
+                 config: GenerationConfig | None = None, **_: Any) -> dict:
+        out = model.generate(config=config or self.generation, num_samples=int(num_samples or self.num_samples))
         texts = [model.tokenizer.decode(row) for row in out.ids.cpu()]
         return {"toy/periodic_fraction": sum(map(is_periodic, texts)) / len(texts),
                 "toy/mean_length": sum(map(len, texts)) / len(texts)}

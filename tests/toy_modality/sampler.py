@@ -10,14 +10,10 @@ from armodal.modalities.base import Sampler, register_sampler
 
 @register_sampler("toy")
 class ToySampler(Sampler):
-    def __init__(self, max_new_tokens: int = 20, temperature: float = 1.0) -> None:
-        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+    """Takes the generation settings as ``config`` (defaults: ``generation`` in the modality config)."""
 
-    def __call__(self, model: Any, num_samples: int, out_dir: str | Path, **overrides: Any) -> dict:
-        out = model.generate(num_samples=num_samples,
-                             max_new_tokens=int(overrides.get("max_new_tokens") or self.max_new_tokens),
-                             temperature=float(overrides.get("temperature") or self.temperature),
-                             seed=overrides.get("seed"))
+    def __call__(self, model: Any, num_samples: int, out_dir: str | Path, config=None, **inputs: Any) -> dict:
+        out = model.generate(config=self.settings(config, inputs), num_samples=num_samples)
         texts = [model.tokenizer.decode(row) for row in out.ids.cpu()]
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

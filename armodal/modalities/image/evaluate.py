@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from armodal.generation import GenerationConfig
 from armodal.modalities.base import register_evaluator
 from armodal.modalities.image.data import ImageDataModule, ImageSet
 from armodal.modalities.image.tokenizer import to_uint8
@@ -188,18 +189,20 @@ def _psnr_u8(a: torch.Tensor, b: torch.Tensor) -> float:
 class ImageEvaluator:
     """``armodal-eval`` hook: VQ metrics for a VQ checkpoint; everything for an AR checkpoint."""
 
-    def __init__(self, cache_dir: str = "data_cache", num_fid_samples: int = 10000, cfg_scale: float = 3.0,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 500,
-                 clf_epochs: int = 4, seed: int = 0, extra_cfg_scales: list[float] | None = None,
-                 extra_samples: int = 2000) -> None:
+    def __init__(self, cache_dir: str = "data_cache", num_fid_samples: int = 10000, generation=None,
+                 batch_size: int = 500, clf_epochs: int = 4, seed: int = 0,
+                 extra_cfg_scales: list[float] | None = None, extra_samples: int = 2000) -> None:
+        """``generation``: the sampling settings (default ``cfg_scale=3``, seed 0); ``seed`` seeds the
+        classifier and the reference subsets; ``extra_cfg_scales``: a smaller sweep over guidance scales."""
         self.cache_dir = Path(cache_dir)
-        self.num_fid_samples, self.cfg_scale = num_fid_samples, cfg_scale
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.num_fid_samples = num_fid_samples
+        self.generation = GenerationConfig.from_dict(generation or {"cfg_scale": 3.0, "seed": 0},
+                                                     source="ImageEvaluator generation")
         self.batch_size, self.clf_epochs, self.seed = batch_size, clf_epochs, seed
         self.extra_cfg_scales, self.extra_samples = list(extra_cfg_scales or []), extra_samples
 
     def __call__(self, model: Any, datamodule: ImageDataModule, out_dir: str | Path, num_samples: int | None = None,
-                 **_: Any) -> dict:
+                 config: GenerationConfig | None = None, **_: Any) -> dict:
         from armodal.ar_model import ARModel
 
         out_dir = Path(out_dir)
@@ -242,7 +245,7 @@ class ImageEvaluator:
         metrics["recon_grid"] = str(out_dir / "recon_grid.png")
 
         if isinstance(model, ARModel):
-            ar = self._ar_metrics(model, datamodule, clf, f_test, out_dir, unavailable)
+            ar = self._ar_metrics(model, datamodule, clf, f_test, out_dir, config or self.generation, unavailable)
             metrics["fd"].update(ar.pop("fd"))
             metrics.update(ar)
             metrics["targets"] = {
@@ -255,7 +258,7 @@ class ImageEvaluator:
         metrics["eval_seconds"] = round(time.time() - t0, 1)
         return metrics
 
-    def _ar_metrics(self, model, dm, clf, f_test, out_dir: Path, unavailable: dict) -> dict:
+    def _ar_metrics(self, model, dm, clf, f_test, out_dir: Path, config: GenerationConfig, unavailable: dict) -> dict:
         from armodal.training.loss import dataset_nll
         from armodal.modalities.image.sampler import sample_images, save_grid
 
@@ -268,12 +271,11 @@ class ImageEvaluator:
         n_cls = model.tokenizer.num_classes or model.conditioner.num_classes
         per = max(1, self.num_fid_samples // n_cls)
         labels = torch.arange(n_cls).repeat_interleave(per)  # [n_cls * per]
-        kw = dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, batch_size=self.batch_size)
         t0 = time.time()
-        imgs = sample_images(model, labels, cfg_scale=self.cfg_scale, seed=self.seed, **kw)
+        imgs = sample_images(model, labels, config, self.batch_size)
         dt = time.time() - t0
         f_s, pred = classifier_features(clf, imgs)
-        out["samples"] = {"n": len(labels), "cfg_scale": self.cfg_scale, **kw,
+        out["samples"] = {"n": len(labels), "generation": config.changed(), "cfg_scale": config.cfg_scale,
                           "accuracy": float((pred == labels).double().mean()),
                           "per_class_accuracy": [float((pred[labels == c] == c).double().mean()) for c in range(n_cls)],
                           "sampling_seconds": round(dt, 1)}
@@ -283,7 +285,8 @@ class ImageEvaluator:
         for scale in self.extra_cfg_scales:  # a smaller sweep over guidance scales
             per_x = max(1, self.extra_samples // n_cls)
             lab_x = torch.arange(n_cls).repeat_interleave(per_x)
-            imgs_x = sample_images(model, lab_x, cfg_scale=scale, seed=self.seed + 1, **kw)
+            seed = None if config.seed is None else config.seed + 1  # other draws than the main samples
+            imgs_x = sample_images(model, lab_x, config, self.batch_size, cfg_scale=scale, seed=seed)
             f_x, pred_x = classifier_features(clf, imgs_x)
             out.setdefault("cfg_sweep", []).append({
                 "cfg_scale": scale, "n": len(lab_x), "accuracy": float((pred_x == lab_x).double().mean()),

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from symusic import Score
 
+from armodal.generation import GenerationConfig, seeded_generator
 from armodal.modalities.base import register_evaluator
 
 __all__ = ["piece_stats", "pitch_class_histogram", "compare_sets", "as_chorale", "MusicEvaluator"]
@@ -111,8 +112,11 @@ class MusicEvaluator:
     """``armodal-eval`` hook: sample ``num_samples`` pieces and compare them with held-out pieces.
 
     ``split`` names the held-out split (JSB and corpus chorales: "valid"/"test"; MIDI folders:
-    "val"/"test").  Sampling settings default to the unconstrained model distribution
-    (temperature 1, no top-k/top-p) so the statistics describe the model.
+    "val"/"test").  ``generation``: the sampling settings; they default to the model distribution
+    (temperature 1, no top-k/top-p, seed 0; ``max_new_tokens`` unset fills the context) so the
+    statistics describe the model; pieces are sampled ``batch_size`` at a time from one seeded
+    stream.  ``unconstrained_check`` samples once more with ``constrained=False`` to measure how
+    often the model alone breaks the grammar.
 
     Grid tokenizers (JSB, corpus chorales) get the chorale metrics of
     :mod:`armodal.modalities.music.analysis` (``music/sample_<stat>``, ``music/ref_<stat>`` for the
@@ -126,22 +130,15 @@ class MusicEvaluator:
     that every result keeps the soprano exactly.
     """
 
-    def __init__(self, num_samples: int = 16, split: str | None = None, max_new_tokens: int | None = None,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+    def __init__(self, num_samples: int = 16, split: str | None = None, generation=None,
                  unconstrained_check: bool = True, batch_size: int = 32,
                  ensemble_shifts: list[int] | None = None, harmonize: bool = False, harmonize_split: str = "test",
                  harmonize_limit: int | None = None) -> None:
-        self.num_samples, self.split, self.max_new_tokens = num_samples, split, max_new_tokens
-        self.temperature, self.top_k, self.top_p, self.seed = temperature, top_k, top_p, seed
+        self.num_samples, self.split = num_samples, split
+        self.generation = GenerationConfig.from_dict(generation or {"seed": 0}, source="MusicEvaluator generation")
         self.unconstrained_check, self.batch_size = unconstrained_check, max(1, int(batch_size))
         self.ensemble_shifts = None if ensemble_shifts is None else [int(s) for s in ensemble_shifts]
         self.harmonize, self.harmonize_split, self.harmonize_limit = bool(harmonize), harmonize_split, harmonize_limit
-        if self.harmonize:  # the harmonisation decoder is built on the one settings object (GenerationConfig)
-            try:
-                from armodal.generation import GenerationConfig  # noqa: F401
-            except ImportError:
-                raise ValueError("evaluator.harmonize=true needs armodal.generation.GenerationConfig, which this "
-                                 "build does not have yet") from None
 
     def _reference(self, datamodule) -> tuple[list, str]:
         if hasattr(datamodule, "pieces"):  # grids: JSB or corpus chorales
@@ -150,14 +147,13 @@ class MusicEvaluator:
         split = self.split or "val"
         return datamodule.scores(split), split
 
-    def _sample(self, model, constrained: bool, max_new: int) -> tuple[list[torch.Tensor], int]:
+    def _sample(self, model, config: GenerationConfig) -> tuple[list[torch.Tensor], int]:
         seqs: list[torch.Tensor] = []
+        generator = seeded_generator(config, model.device)  # one stream over all batches
         for start in range(0, self.num_samples, self.batch_size):
             n = min(self.batch_size, self.num_samples - start)
-            out = model.generate(num_samples=n, max_new_tokens=max_new, constrained=constrained,
-                                 temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                                 seed=self.seed + start)
-            seqs += [out.ids[i, : out.lengths[i]].cpu() for i in range(n)]
+            out = model.generate(config=config, num_samples=n, generator=generator)
+            seqs += [out.ids[i, : out.lengths[i]].cpu() for i in range(out.ids.shape[0])]
         return seqs, int(sum(len(s) - 1 for s in seqs))
 
     def _ensemble(self, model, datamodule) -> dict:
@@ -177,7 +173,7 @@ class MusicEvaluator:
         out["music/ensemble_shifts"] = self.ensemble_shifts
         return out
 
-    def _harmonize(self, model, datamodule, config) -> dict:
+    def _harmonize(self, model, datamodule, config: GenerationConfig) -> dict:
         from armodal.modalities.music.analysis import compare_chorales
         from armodal.modalities.music.harmonize import harmonize, melody_from_chorale
         from armodal.modalities.music.tokenizer import ChoraleTokenizer
@@ -191,7 +187,8 @@ class MusicEvaluator:
         sampled, kept, same, total = [], 0, 0, 0
         for i, piece in enumerate(pieces):
             melody = melody_from_chorale(piece)
-            ids = harmonize(model, melody, known, config.replace(seed=self.seed + i), 1, where=piece.name)[0]
+            seed = None if config.seed is None else config.seed + i
+            ids = harmonize(model, melody, known, config.replace(seed=seed), 1, where=piece.name)[0]
             sampled.append(tok.to_chorale(ids))
             greedy = tok.to_chorale(harmonize(model, melody, known, config.replace(strategy="greedy", seed=None), 1,
                                               where=piece.name)[0])
@@ -208,14 +205,15 @@ class MusicEvaluator:
         })
         return out
 
-    def __call__(self, model, datamodule, out_dir: str | Path, num_samples: int | None = None, **_: Any) -> dict:
+    def __call__(self, model, datamodule, out_dir: str | Path, num_samples: int | None = None,
+                 config: GenerationConfig | None = None, **_: Any) -> dict:
         if num_samples:
             self.num_samples = int(num_samples)
+        config = config or self.generation
         tok = model.tokenizer
         datamodule.setup("test")
         reference, split = self._reference(datamodule)
-        max_new = self.max_new_tokens or (model.net.config.max_seq_len - 1)
-        seqs, n_tok = self._sample(model, True, max_new)
+        seqs, n_tok = self._sample(model, config)
         errors = sum(tok.grammar_errors(s) for s in seqs)
         if hasattr(tok, "to_chorale"):
             from armodal.modalities.music.analysis import compare_chorales
@@ -230,12 +228,12 @@ class MusicEvaluator:
             "music/sample_tokens": n_tok,
         })
         if self.unconstrained_check:
-            useqs, un_tok = self._sample(model, False, max_new)
+            useqs, un_tok = self._sample(model, config.replace(constrained=False))
             metrics["music/grammar_error_rate_unconstrained"] = sum(tok.grammar_errors(s) for s in useqs) / max(1, un_tok)
         if self.ensemble_shifts is not None:
             metrics.update(self._ensemble(model, datamodule))
         if self.harmonize:
-            metrics.update(self._harmonize(model, datamodule, self._config()))
+            metrics.update(self._harmonize(model, datamodule, config))
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "music_metrics.json").write_text(json.dumps(metrics, indent=2))

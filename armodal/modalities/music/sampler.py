@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from armodal.generation import GenerationConfig, seeded_generator
 from armodal.modalities.base import Sampler, register_sampler
 from armodal.modalities.music.midi_io import read_midi
 from armodal.modalities.music.render import AUDIO_HINT, piano_roll_png, render_wav, write_midi
@@ -30,72 +31,56 @@ log = logging.getLogger(__name__)
 class MusicSampler(Sampler):
     """Sample ``num_samples`` pieces and write ``sample_XX.{mid,png,wav}`` into ``out_dir``.
 
-    Overrides (``armodal-generate`` keys): ``temperature``, ``top_k``, ``top_p``,
-    ``min_p``, ``max_new_tokens``, ``constrained``, ``seed``, ``prompt`` (a .mid
-    path) with ``prompt_tokens`` or ``prompt_bars`` (how much of it to keep).
+    Inputs (``armodal-generate`` keys): ``prompt`` (a .mid path) with ``prompt_tokens``
+    or ``prompt_bars`` (how much of it to keep), ``batch_size`` (pieces per decode call).
+    Every generation setting applies (a continuation with ``strategy=beam`` ...);
+    ``max_new_tokens`` unset fills the model's context after the prompt.
     """
 
-    def __init__(
-        self,
-        max_new_tokens: int = 512,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        constrained: bool = True,
-        prompt: str | None = None,
-        prompt_tokens: int | None = None,
-        prompt_bars: float | None = None,
-        qpm: float | None = None,
-        audio: bool = True,
-        batch_size: int = 16,
-    ) -> None:
-        self.defaults = dict(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-            constrained=constrained, prompt=prompt, prompt_tokens=prompt_tokens, prompt_bars=prompt_bars,
-            batch_size=batch_size,
-        )
-        self.qpm, self.audio = qpm, audio
+    inputs = ("prompt", "prompt_tokens", "prompt_bars", "batch_size")
+
+    def __init__(self, generation=None, qpm: float | None = None, audio: bool = True, batch_size: int = 16) -> None:
+        super().__init__(generation)
+        self.qpm, self.audio, self.batch_size = qpm, audio, batch_size
 
     def _to_score(self, tok, ids: torch.Tensor):
         return tok.to_score(ids, qpm=self.qpm) if self.qpm is not None else tok.to_score(ids)
 
-    def __call__(self, model: "ARModel", num_samples: int, out_dir: str | Path, **overrides: Any) -> dict:
-        opts = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
+    def __call__(self, model: "ARModel", num_samples: int, out_dir: str | Path, config: GenerationConfig | None = None,
+                 **inputs: Any) -> dict:
+        config = self.settings(config, inputs)
         tok = model.tokenizer
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
 
         prompt = None
-        if opts["prompt"]:
-            path = Path(str(opts["prompt"])).expanduser()
+        if inputs.get("prompt"):
+            path = Path(str(inputs["prompt"])).expanduser()
             score = read_midi(path)  # BadMidiError (a ValueError) names the file and the reason
-            prompt = tok.prompt_ids(score, str(path), opts["prompt_tokens"], opts["prompt_bars"])[None]  # [1, P]
+            prompt = tok.prompt_ids(score, str(path), inputs.get("prompt_tokens"), inputs.get("prompt_bars"))[None]  # [1, P]
             write_midi(self._to_score(tok, prompt[0]), out_dir / "prompt.mid")
-        max_len = model.net.config.max_seq_len
-        used = 1 if prompt is None else prompt.shape[1]
-        room = min(int(opts["max_new_tokens"]), max_len // 2)  # what a too-long prompt is cut to make room for
-        if prompt is not None and used > max_len - max(1, room):
-            keep = max_len - max(1, room)
-            prompt = tok.prompt_ids(score, str(path), keep, opts["prompt_bars"])[None]  # cut at a valid point
-            warnings.warn(f"{path}: the prompt has {used} tokens, too many for max_seq_len={max_len} with room to "
-                          f"continue; it is truncated to its first {prompt.shape[1]} tokens (set prompt_tokens or "
-                          "prompt_bars to choose)", stacklevel=2)
-            write_midi(self._to_score(tok, prompt[0]), out_dir / "prompt.mid")
-            used = prompt.shape[1]
-        max_new = min(int(opts["max_new_tokens"]), max_len - used)
+            max_len = model.net.config.max_seq_len
+            used, asked = prompt.shape[1], config.max_new_tokens
+            room = min(asked or max_len // 2, max_len // 2)  # what a too-long prompt is cut to make room for
+            if used > max_len - room:
+                keep = max_len - room
+                prompt = tok.prompt_ids(score, str(path), keep, inputs.get("prompt_bars"))[None]  # cut at a valid point
+                capped = "" if asked is None or asked <= max_len - prompt.shape[1] else \
+                    f"; max_new_tokens={asked} is capped to the {max_len - prompt.shape[1]} tokens left"
+                warnings.warn(f"{path}: the prompt has {used} tokens, too many for max_seq_len={max_len} with room to "
+                              f"continue; it is truncated to its first {prompt.shape[1]} tokens (set prompt_tokens or "
+                              f"prompt_bars to choose){capped}", stacklevel=2)
+                if capped:
+                    config = config.replace(max_new_tokens=max_len - prompt.shape[1])
+                write_midi(self._to_score(tok, prompt[0]), out_dir / "prompt.mid")
 
         seqs: list[torch.Tensor] = []
-        seed = overrides.get("seed")
-        bs = max(1, int(opts["batch_size"]))
+        generator = seeded_generator(config, model.device)  # one stream over all batches
+        bs = max(1, int(inputs.get("batch_size") or self.batch_size))
         for start in range(0, num_samples, bs):
             n = min(bs, num_samples - start)
-            out = model.generate(
-                ids=prompt, num_samples=n, max_new_tokens=max_new, constrained=bool(opts["constrained"]),
-                temperature=float(opts["temperature"]), top_k=int(opts["top_k"]), top_p=float(opts["top_p"]),
-                min_p=float(opts["min_p"]), seed=None if seed is None else int(seed) + start,
-            )
-            seqs += [out.ids[i, : out.lengths[i]].cpu() for i in range(n)]
+            out = model.generate(ids=prompt, config=config, num_samples=n, generator=generator)
+            seqs += [out.ids[i, : out.lengths[i]].cpu() for i in range(out.ids.shape[0])]
 
         midis, images, audio, errors, notes = [], [], [], [], []
         for i, ids in enumerate(seqs):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import scanpy as sc
 
+from armodal.generation import GenerationConfig
 from armodal.modalities.base import register_evaluator
 from armodal.modalities.spatial.data import SpatialDataModule
 from armodal.modalities.spatial.geometry import morans_i, neighbour_graph
@@ -16,6 +17,7 @@ from armodal.modalities.spatial.io import SpatialDataError
 from armodal.modalities.spatial.predict import (
     HISTOGENE_PCC,
     REG2ST_PCC,
+    check_settings,
     interval_coverage,
     pearson_per_gene,
     plot_maps,
@@ -73,27 +75,27 @@ class SpatialEvaluator:
     Reg2ST's published 31-section numbers.
     """
 
-    def __init__(self, temperature: float = 1.0, noise: bool = True, write_outputs: bool = True,
-                 n_plot_genes: int = 4, seed: int = 0, robustness: list[str] | tuple[str, ...] = ("low", "medium", "high"),
-                 robustness_seed: int = 0) -> None:
+    def __init__(self, generation=None, noise: bool = True, write_outputs: bool = True, n_plot_genes: int = 4,
+                 robustness: list[str] | tuple[str, ...] = ("low", "medium", "high"), robustness_seed: int = 0) -> None:
         from armodal.modalities.spatial.stain import STAIN_STRENGTHS  # noqa: PLC0415
 
-        self.temperature, self.noise, self.write_outputs = temperature, noise, write_outputs
-        self.n_plot_genes, self.seed = n_plot_genes, seed
+        self.generation = GenerationConfig.from_dict(generation or {"seed": 0}, source="SpatialEvaluator generation")
+        self.noise, self.write_outputs, self.n_plot_genes = noise, write_outputs, n_plot_genes
         bad = [r for r in (robustness or []) if r not in STAIN_STRENGTHS]
         if bad:
             raise ValueError(f"evaluator.robustness: unknown strength(s) {bad}; known: {list(STAIN_STRENGTHS)}")
         self.robustness, self.robustness_seed = list(robustness or []), int(robustness_seed)
 
-    def __call__(self, model, datamodule: SpatialDataModule, out_dir: str | Path, num_samples: int = 64, **kw) -> dict:
+    def __call__(self, model, datamodule: SpatialDataModule, out_dir: str | Path, num_samples: int = 64,
+                 config: GenerationConfig | None = None, **kw) -> dict:
+        config = check_settings(config or self.generation)  # a refused setting fails before any work
         dm = datamodule
         dm.setup("test")
         s = dm.test_section
         if s is None:
             raise SpatialDataError("spatial evaluation needs data.test_section=<held-out section>")
         t0 = time.time()
-        samples, mean, pinfo = predict_section(model, dm, s, num_samples, with_info=True, temperature=self.temperature,
-                                               noise=self.noise, seed=self.seed)
+        samples, mean, pinfo = predict_section(model, dm, s, num_samples, config, noise=self.noise, with_info=True)
         y = dm.expr[s]
         hvg = _train_hvg_index(dm)
         out: dict = {"test_section": s, "num_samples": int(num_samples), "n_genes": len(dm.genes),
@@ -120,8 +122,7 @@ class SpatialEvaluator:
             t1 = time.time()
             pert = (strength, self.robustness_seed)
             fp = section_features(model, dm, s, perturb=pert)
-            _, mean_p = predict_section(model, dm, s, num_samples, feats=fp, temperature=self.temperature,
-                                        noise=self.noise, seed=self.seed)
+            _, mean_p = predict_section(model, dm, s, num_samples, config, noise=self.noise, feats=fp)
             pcc_p = float(np.nanmean(pearson_per_gene(mean_p, y)))
             fr = fp if fp.dim() == 2 else dm.extractor.features(s, lambda: dm.section_patches(s), list(dm.adatas[s].obs_names),
                                                                   image=lambda: dm.section_image(s), perturb=pert, cache=False)[0]

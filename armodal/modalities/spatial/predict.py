@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -11,12 +12,13 @@ import anndata as ad
 import numpy as np
 import torch
 
-from armodal.generation import SamplingParams, generate
+from armodal.generation import GenerationConfig, generate, seeded_generator, unsupported
 from armodal.modalities.spatial.data import neighbourhoods
 from armodal.modalities.spatial.geometry import spot_spacing
 from armodal.modalities.spatial.window import sample_windows
 
 __all__ = [
+    "check_settings",
     "predict_expression",
     "sequence_layout",
     "sample_section",
@@ -45,54 +47,68 @@ HISTOGENE_RECIPE = ("HisToGene's public code, run on these folds: trained 1000 e
 REG2ST_PCC = {"C2": 0.159, "C3": 0.236, "C4": 0.237, "C5": 0.240}
 
 
+_NOT_SAMPLES = ("the prediction is the mean of K samples and the interval their spread; {} gives K identical "
+                "(or K most likely) sequences, not samples from the model")
+
+
+def check_settings(config: GenerationConfig | None, layout: dict | None = None) -> GenerationConfig:
+    """The settings for sampling spatial expression, or :class:`~armodal.generation.UnsupportedSetting` naming
+    the first one this modality cannot honour.  ``layout``: the model's sequence layout (:func:`sequence_layout`)."""
+    config = config or GenerationConfig()
+    window = layout is not None and layout["sequence"] == "window"
+    unsupported(config, "spatial", {
+        "strategy": (lambda s: s in ("sample", "lookahead") or s == "speculative" and not window,
+                     _NOT_SAMPLES.format(f"strategy={config.strategy}") if config.strategy in ("greedy", "beam") else
+                     "window sequences are decoded with the H&E prefix of each window, which a speculative draft "
+                     "would need too (use strategy=sample or lookahead)"),
+        "temperature": (lambda t: t > 0, _NOT_SAMPLES.format("temperature=0")),
+        "repetition_penalty": (1.0, "expression codes repeat by design (neighbouring spots share codes)"),
+        "constrained": (True, "decoding always follows the code grammar (level-q codes at level-q positions)"),
+        "max_new_tokens": (None, "the number of tokens is fixed by the spots (tokens per spot x spots)"),
+        "cfg_scale": (1.0, "the spatial model is trained without an unconditional prefix (no classifier-free guidance)"),
+    })
+    return config
+
+
 @torch.no_grad()
 def sample_section(
-    net,
-    conditioner,
-    tokenizer,
+    model,
     cond: dict,  # feats [n, N, F], pos [n, N, 2]
     num_samples: int = 64,
+    config: GenerationConfig | None = None,
     *,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
     noise: bool = True,
-    seed: int = 0,
     spots_per_batch: int = 32,
     return_clean: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """K samples of every spot's expression -> [n, K, G] (log1p).
+    """K samples of every spot's expression -> [n, K, G] (log1p), decoded with the settings ``config``.
 
-    The decoder sees only the H&E prefix of the spot's neighbourhood and generates the
-    centre spot's tokens (the first ``tokens_per_spot`` of the expression segment).
-    With ``noise`` each sample also carries a quantiser residual (for intervals);
-    ``return_clean`` additionally returns the same K samples decoded without it
-    [n, K, G], whose mean is the Rao-Blackwellised point prediction (the residual has
-    ~zero mean, so averaging it in only adds Monte-Carlo noise to the mean).
+    The decoder (``model``, an :class:`~armodal.ar_model.ARModel`) sees only the H&E prefix
+    of the spot's neighbourhood and generates the centre spot's tokens (the first
+    ``tokens_per_spot`` of the expression segment).  With ``noise`` each sample also
+    carries a quantiser residual (for intervals); ``return_clean`` additionally returns
+    the same K samples decoded without it [n, K, G], whose mean is the Rao-Blackwellised
+    point prediction (the residual has ~zero mean, so averaging it in only adds
+    Monte-Carlo noise to the mean).  ``config.seed`` seeds both the tokens and the residuals.
     """
-    net.eval()
-    conditioner.eval()
-    dev = next(net.parameters()).device
+    tok = model.tokenizer
+    tps = tok.tokens_per_spot
+    config = check_settings(config).replace(max_new_tokens=tps)
+    model.eval()
     n = cond["feats"].shape[0]
-    tps = tokenizer.tokens_per_spot
-    g = torch.Generator(device=dev).manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-    out = np.empty((n, num_samples, tokenizer.n_genes), np.float32)
+    generator = seeded_generator(config, model.device)
+    rng = np.random.default_rng(config.seed)
+    out = np.empty((n, num_samples, tok.n_genes), np.float32)
     clean = np.empty_like(out) if return_clean else None
     for a in range(0, n, spots_per_batch):
         b = min(n, a + spots_per_batch)
-        prefix = conditioner({k: v[a:b].to(dev) for k, v in cond.items()})  # [b-a, N, D]
-        res = generate(
-            net, None, max_new_tokens=tps, prefix=prefix, sampling=params, pad_id=tokenizer.pad_id,
-            types_fn=tokenizer.types if tokenizer.num_types else None, allowed_fn=tokenizer.allowed_next,
-            generator=g, num_return_sequences=num_samples,
-        )
+        res = model.generate(cond={k: v[a:b].to(model.device) for k, v in cond.items()}, config=config,
+                             num_samples=num_samples, generator=generator)
         ids = res.ids[:, -tps:]  # [(b-a)*K, tps], samples of one spot are adjacent
-        x = tokenizer.decode_batch(ids, noise=noise, generator=rng)  # [(b-a)*K, 1, G]
+        x = tok.decode_batch(ids, noise=noise, generator=rng)  # [(b-a)*K, 1, G]
         out[a:b] = x.reshape(b - a, num_samples, -1)
         if clean is not None:
-            clean[a:b] = tokenizer.decode_batch(ids, noise=False).reshape(b - a, num_samples, -1)
+            clean[a:b] = tok.decode_batch(ids, noise=False).reshape(b - a, num_samples, -1)
     return (out, clean) if return_clean else out
 
 
@@ -103,13 +119,18 @@ def sequence_layout(data_cfg) -> dict:
     return {k: get(k, d) if get(k, None) is not None else d for k, d in _LAYOUT_DEFAULTS.items()}
 
 
-def _engine(net, tokenizer, temperature: float, top_k: int, top_p: float, generator: torch.Generator):
-    """The decoding engine as ``run(prefix, max_new_tokens, types_fn, k) -> ids [b*k, max_new_tokens]``."""
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+def _engine(model, config: GenerationConfig, generator: torch.Generator | None):
+    """The decoding engine as ``run(prefix, max_new_tokens, types_fn, k) -> ids [b*k, max_new_tokens]`` (the
+    ``generate_fn`` of :func:`~.window.sample_windows`), with the settings ``config`` and the model's token rules."""
 
     def run(prefix, max_new, types_fn, k):
-        res = generate(net, None, max_new_tokens=max_new, prefix=prefix, sampling=params, pad_id=tokenizer.pad_id,
-                       types_fn=types_fn, allowed_fn=tokenizer.allowed_next, generator=generator, num_return_sequences=k)
+        def typed(seq):  # the k rows of a window share its types: serve any number of rows per window
+            per = types_fn(seq)[::k]  # [b, t]
+            return per.repeat_interleave(seq.shape[0] // per.shape[0], 0)
+
+        tokens = dataclasses.replace(model.token_rules(config), types_fn=typed)
+        res = generate(model.net, None, config.replace(max_new_tokens=max_new), prefix=prefix, tokens=tokens,
+                       generator=generator, num_return_sequences=k)
         return res.ids[:, -max_new:]
 
     return run
@@ -117,21 +138,17 @@ def _engine(net, tokenizer, temperature: float, top_k: int, top_p: float, genera
 
 @torch.no_grad()
 def predict_expression(
-    net,
-    conditioner,
-    tokenizer,
+    model,
     feats: torch.Tensor,  # [n, F] plain patch features of the section's spots
     xy: np.ndarray,  # [n, 2] spot centres (full-resolution px)
     num_samples: int,
     layout: dict,
+    config: GenerationConfig | None = None,
     *,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
     noise: bool = True,
-    seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """K samples of every spot's expression under the model's sequence ``layout`` (:func:`sequence_layout`).
+    """K samples of every spot's expression under the model's sequence ``layout`` (:func:`sequence_layout`),
+    decoded with the settings ``config`` (:func:`check_settings`; ``config.seed`` seeds tokens and residuals).
 
     Returns (samples [n, K, G] log1p, each with a quantiser residual when ``noise``; point prediction
     [n, G] = mean of the K samples decoded without it; info, whose ``clean_sample`` [n, G] is the first
@@ -139,24 +156,25 @@ def predict_expression(
     over overlapping windows, each spot's samples from its owner window (:func:`.window.sample_windows`);
     per-spot layout: each spot's tokens from its 7-spot H&E neighbourhood.
     """
+    config = check_settings(config, layout)
+    tokenizer = model.tokenizer
     feats = torch.as_tensor(feats).float()
     xy = np.asarray(xy, np.float64)
     if layout["sequence"] == "window":
-        dev = next(net.parameters()).device
-        g = torch.Generator(device=dev).manual_seed(seed)
-        codes, info = sample_windows(net, conditioner, tokenizer, feats, xy / spot_spacing(xy), num_samples,
+        model.eval()
+        g = seeded_generator(config, model.device)
+        codes, info = sample_windows(model.net, model.conditioner, tokenizer, feats, xy / spot_spacing(xy), num_samples,
                                      size=int(layout["window_size"]), order=layout["order"],
-                                     generate_fn=_engine(net, tokenizer, temperature, top_k, top_p, g))
+                                     generate_fn=_engine(model, config, g))
         n, k, q = codes.shape
         flat = (codes.reshape(-1, q) - 1).numpy()  # level-offset codes
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(config.seed)
         noisy = tokenizer.decode_codes(flat, noise=noise, generator=rng).reshape(n, k, -1).astype(np.float32)
         clean = tokenizer.decode_codes(flat, noise=False).reshape(n, k, -1)
         return noisy, clean.mean(1).astype(np.float32), {**info, "clean_sample": clean[:, 0].astype(np.float32)}
     idx, off = neighbourhoods(xy, int(layout["neighbours"]))
     cond = {"feats": feats[torch.as_tensor(idx)].flip(1), "pos": torch.as_tensor(off, dtype=torch.float32).flip(1)}
-    noisy, clean = sample_section(net, conditioner, tokenizer, cond, num_samples, temperature=temperature, top_k=top_k,
-                                  top_p=top_p, noise=noise, seed=seed, return_clean=True)
+    noisy, clean = sample_section(model, cond, num_samples, config, noise=noise, return_clean=True)
     return noisy, clean.mean(1), {"clean_sample": clean[:, 0]}
 
 

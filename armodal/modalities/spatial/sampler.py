@@ -17,6 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from armodal.generation import GenerationConfig
 from armodal.modalities.base import Sampler, register_sampler
 from armodal.modalities.spatial.data import SpatialDataModule
 from armodal.modalities.spatial.io import SpatialDataError
@@ -25,6 +26,7 @@ from armodal.modalities.spatial.patches import extract_patches
 from armodal.modalities.spatial.predict import (
     interval_coverage,
     pearson_per_gene,
+    check_settings,
     plot_maps,
     predict_expression,
     prediction_adata,
@@ -33,18 +35,7 @@ from armodal.modalities.spatial.predict import (
 
 __all__ = ["SpatialSampler", "predict_section", "section_features", "predict_new_slide", "plot_genes"]
 
-# generate settings the spatial sampler honours; any other one given is refused by name
-_HONOURED = ("temperature", "top_k", "top_p", "seed", "batch_size")
-_REFUSED = {
-    "min_p": "not wired into the spatial decoding (use top_k / top_p)",
-    "repetition_penalty": "expression codes repeat by design (neighbouring spots share codes)",
-    "greedy": "the prediction is the mean of K samples and the interval their spread; greedy decoding gives K identical samples",
-    "cfg_scale": "the spatial model is trained without an unconditional prefix (no classifier-free guidance)",
-    "max_new_tokens": "the number of tokens is fixed by the spots (tokens per spot x spots)",
-    "constrained": "decoding always follows the code grammar (level-q codes at level-q positions)",
-    "prompt": "a section is generated from its H&E alone (no expression prompt)",
-    "prompt_tokens": "a section is generated from its H&E alone (no expression prompt)",
-}
+SLIDE_INPUTS = ("image", "spots", "um_per_px", "spot_um", "visium", "h5ad")  # a new slide (see newslide.py)
 
 _DM_CACHE: dict[str, SpatialDataModule] = {}
 
@@ -88,10 +79,12 @@ def section_features(model, dm: SpatialDataModule, section: str, perturb: tuple 
                         perturb=perturb, cache=False)[0]
 
 
-def predict_section(model, dm: SpatialDataModule, section: str, num_samples: int, feats=None, with_info: bool = False,
-                    **sampling) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, dict]:
+def predict_section(model, dm: SpatialDataModule, section: str, num_samples: int, config: GenerationConfig | None = None,
+                    *, noise: bool = True, feats=None, with_info: bool = False,
+                    ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, dict]:
     """(samples [n_spots, K, G] with the quantiser residual, point prediction [n_spots, G] = mean of the
-    K code samples decoded without it); checks the model's gene panel against the data.  ``feats``
+    K code samples decoded without it), sampled with the settings ``config``; checks the model's gene panel
+    against the data.  ``feats``
     [n_spots, F] replaces the section's cached plain features (e.g. of a stain-perturbed image);
     ``with_info`` also returns :func:`~.predict.predict_expression`'s info (one clean generated map ...)."""
     tok = model.tokenizer
@@ -99,8 +92,8 @@ def predict_section(model, dm: SpatialDataModule, section: str, num_samples: int
         raise SpatialDataError(f"the model's {len(tok.genes)}-gene panel differs from the data's {len(dm.genes)}-gene panel")
     layout = {"sequence": dm.sequence, "window_size": dm.window_size, "order": dm.order, "neighbours": dm.neighbours}
     feats = section_features(model, dm, section) if feats is None else feats
-    noisy, mean, info = predict_expression(model.net, model.conditioner, tok, feats,
-                                           np.asarray(dm.adatas[section].obsm["spatial"]), num_samples, layout, **sampling)
+    noisy, mean, info = predict_expression(model, feats, np.asarray(dm.adatas[section].obsm["spatial"]), num_samples,
+                                           layout, config, noise=noise)
     return (noisy, mean, info) if with_info else (noisy, mean)
 
 
@@ -110,38 +103,35 @@ class SpatialSampler(Sampler):
 
     Writes ``<section>_pred.h5ad`` (X = mean of K, layers std/q05/q95/measured) and
     ``<section>_maps.png`` (scanpy spatial maps: measured, predicted, uncertainty).
+    ``num_samples`` is K (at least 2).  Inputs (``armodal-generate`` keys, else the constructor's
+    values): ``section`` (default: the held-out one), or a new slide without counts: ``image`` with
+    ``spots`` (a csv or ``grid``), ``um_per_px``, ``spot_um``; or ``visium`` / ``h5ad``
+    (:mod:`~armodal.modalities.spatial.newslide`).  Settings: sampling ones only (:func:`~.predict.check_settings`).
     """
 
-    def __init__(self, data: Any, section: str | None = None, genes: list[str] | None = None,
-                 temperature: float = 1.0, noise: bool = True, n_plot_genes: int = 4,
-                 image: str | None = None, spots: str | None = None, um_per_px: float | None = None,
-                 spot_um: float | None = None, visium: str | None = None, h5ad: str | None = None) -> None:
+    inputs = ("section", *SLIDE_INPUTS)
+
+    def __init__(self, data: Any, section: str | None = None, genes: list[str] | None = None, generation=None,
+                 noise: bool = True, n_plot_genes: int = 4, image: str | None = None, spots: str | None = None,
+                 um_per_px: float | None = None, spot_um: float | None = None, visium: str | None = None,
+                 h5ad: str | None = None) -> None:
+        super().__init__(generation)
         self.data, self.section, self.genes = data, section, genes
-        self.temperature, self.noise, self.n_plot_genes = temperature, noise, n_plot_genes
-        self.slide = {"image": image, "spots": spots, "um_per_px": um_per_px, "spot_um": spot_um, "visium": visium, "h5ad": h5ad}
+        self.noise, self.n_plot_genes = noise, n_plot_genes
+        self.slide = dict(zip(SLIDE_INPUTS, (image, spots, um_per_px, spot_um, visium, h5ad)))
 
-    def _sampling(self, overrides: dict) -> dict:
-        for k, v in overrides.items():
-            if v is None or k in _HONOURED:
-                continue
-            if k in _REFUSED:
-                raise ValueError(f"generation setting {k}={v!r} is not supported by modality 'spatial': {_REFUSED[k]}")
-            raise ValueError(f"unknown generation setting {k}={v!r} for modality 'spatial'")
-        t = overrides.get("temperature")
-        return {"temperature": float(self.temperature if t is None else t), "top_k": int(overrides.get("top_k") or 0),
-                "top_p": float(overrides.get("top_p") or 1.0), "seed": int(overrides.get("seed") or 0), "noise": self.noise}
-
-    def __call__(self, model, num_samples: int, out_dir: str | Path, **overrides: Any) -> dict:
+    def __call__(self, model, num_samples: int, out_dir: str | Path, config: GenerationConfig | None = None,
+                 **inputs: Any) -> dict:
+        config = check_settings(self.settings(config, inputs))
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        section = overrides.pop("section", None) or self.section
-        kw = self._sampling(overrides)
-        if any(self.slide[k] is not None for k in ("image", "spots", "visium", "h5ad")):
-            return predict_new_slide(model, out_dir, max(int(num_samples), 2), genes=self.genes, n_plot_genes=self.n_plot_genes,
-                                     **self.slide, **kw)
-        dm, section = _datamodule(self.data, section)
+        slide = {k: inputs.get(k, v) for k, v in self.slide.items()}
+        if any(slide[k] is not None for k in ("image", "spots", "visium", "h5ad")):
+            return predict_new_slide(model, out_dir, max(int(num_samples), 2), config, genes=self.genes,
+                                     n_plot_genes=self.n_plot_genes, noise=self.noise, **slide)
+        dm, section = _datamodule(self.data, inputs.get("section") or self.section)
         t0 = time.time()
-        samples, mean = predict_section(model, dm, section, max(int(num_samples), 2), **kw)
+        samples, mean = predict_section(model, dm, section, max(int(num_samples), 2), config, noise=self.noise)
         measured = dm.expr[section]
         pred = prediction_adata(dm.adatas[section], dm.genes, samples, measured, mean=mean)
         h5 = out_dir / f"{section}_pred.h5ad"
@@ -155,13 +145,17 @@ class SpatialSampler(Sampler):
                 "seconds": round(time.time() - t0, 1)}
 
 
-def predict_new_slide(model, out_dir: str | Path, num_samples: int, *, genes: list[str] | None = None, n_plot_genes: int = 4,
-                      image=None, spots=None, um_per_px=None, spot_um=None, visium=None, h5ad=None, **sampling) -> dict:
+def predict_new_slide(model, out_dir: str | Path, num_samples: int, config: GenerationConfig | None = None, *,
+                      genes: list[str] | None = None, n_plot_genes: int = 4, noise: bool = True,
+                      image=None, spots=None, um_per_px=None, spot_um=None, visium=None, h5ad=None) -> dict:
     """Expression maps for a slide without counts: ``<name>_pred.h5ad`` (X = mean of K; layers std, q05,
-    q95) and ``<name>_maps.png`` (predicted and std over the H&E), featurised by the model's saved encoder."""
+    q95) and ``<name>_maps.png`` (predicted and std over the H&E), featurised by the model's saved encoder
+    and sampled with the settings ``config`` (:func:`~.predict.check_settings`: refused ones are named)."""
     import warnings
 
     t0 = time.time()
+    layout = sequence_layout(model.config.modality.data) if model.config is not None else sequence_layout({})
+    config = check_settings(config, layout)  # before any slide is read
     section = new_section(image=image, spots=spots, um_per_px=um_per_px, spot_um=spot_um, visium=visium, h5ad=h5ad)
     name = str(section.obs["section"].iloc[0])
     enc = model.tokenizer.encoder
@@ -181,9 +175,8 @@ def predict_new_slide(model, out_dir: str | Path, num_samples: int, *, genes: li
         feats = torch.from_numpy(enc.prepare(patches, hires)).permute(0, 3, 1, 2).contiguous()
     else:
         feats = enc.features(name, patches, list(section.obs_names), image=hires, cache=False)[0]
-    layout = sequence_layout(model.config.modality.data) if model.config is not None else sequence_layout({})
-    noisy, mean, info = predict_expression(model.net, model.conditioner, model.tokenizer, feats,
-                                           np.asarray(section.obsm["spatial"]), num_samples, layout, **sampling)
+    noisy, mean, info = predict_expression(model, feats, np.asarray(section.obsm["spatial"]), num_samples, layout,
+                                           config, noise=noise)
     pred = prediction_adata(section, list(model.tokenizer.genes), noisy, None, mean=mean)
     out_dir = Path(out_dir)
     h5 = out_dir / f"{name}_pred.h5ad"

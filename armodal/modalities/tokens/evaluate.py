@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from armodal.generation import GenerationConfig
 from armodal.modalities.base import register_evaluator
 
 __all__ = ["TokensEvaluator", "unigram_tv", "bigrams", "sequence_stats"]
@@ -54,21 +55,22 @@ def sequence_stats(samples: list[list[int]], reference: list, train: list, n_sym
 @register_evaluator("tokens")
 class TokensEvaluator:
     """``armodal-eval`` hook: sample ``num_samples`` sequences from BOS and compare them with the
-    held-out ``split`` (and the training bigrams).  Sampling defaults to the model distribution."""
+    held-out ``split`` (and the training bigrams).  ``generation``: the sampling settings (default:
+    the model distribution, seed 0; ``max_new_tokens`` unset = one more than the longest reference)."""
 
-    def __init__(self, num_samples: int = 64, split: str = "val", max_new_tokens: int | None = None,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> None:
-        self.num_samples, self.split, self.max_new_tokens = num_samples, split, max_new_tokens
-        self.temperature, self.top_k, self.top_p, self.seed = temperature, top_k, top_p, seed
+    def __init__(self, num_samples: int = 64, split: str = "val", generation=None) -> None:
+        self.num_samples, self.split = num_samples, split
+        self.generation = GenerationConfig.from_dict(generation or {"seed": 0}, source="TokensEvaluator generation")
 
     def __call__(self, model: Any, datamodule: Any, out_dir: str | Path, num_samples: int | None = None,
-                 **_: Any) -> dict:
+                 config: GenerationConfig | None = None, **_: Any) -> dict:
         n = int(num_samples or self.num_samples)
+        config = config or self.generation
         tok = model.tokenizer
         reference, train = datamodule.sequences(self.split), datamodule.sequences("train")
-        max_new = self.max_new_tokens or max(2, max(len(s) for s in reference) + 1)
-        out = model.generate(num_samples=n, max_new_tokens=max_new, temperature=self.temperature,
-                             top_k=self.top_k, top_p=self.top_p, seed=self.seed)
+        if config.max_new_tokens is None:
+            config = config.replace(max_new_tokens=max(2, max(len(s) for s in reference) + 1))
+        out = model.generate(config=config, num_samples=n)
         rows = out.ids.cpu()
         samples = [tok.decode(r) for r in rows]
         stats = sequence_stats(samples, reference, train, tok.n_symbols)

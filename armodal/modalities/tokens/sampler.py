@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from armodal.modalities.base import Sampler, register_sampler
 
 __all__ = ["TokensSampler"]
@@ -12,22 +14,24 @@ __all__ = ["TokensSampler"]
 
 @register_sampler("tokens")
 class TokensSampler(Sampler):
-    def __init__(self, max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> None:
-        self.defaults = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    """``num_samples`` sequences from BOS, or continuations of ``prompt`` (comma-separated symbols)."""
 
-    def __call__(self, model, num_samples: int, out_dir, **overrides) -> dict:
+    inputs = ("prompt",)
+
+    def __call__(self, model, num_samples: int, out_dir, config=None, **inputs) -> dict:
+        config = self.settings(config, inputs)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        kw = {**self.defaults, **{k: v for k, v in overrides.items() if k not in ("prompt", "prompt_tokens", "batch_size")}}
-        prompt = overrides.get("prompt")
-        ids = None
-        if prompt is not None:
-            import torch
-
-            ids = torch.cat([torch.tensor([model.tokenizer.bos_id]), model.tokenizer.encode([int(x) for x in str(prompt).split(",")])])[None]
-        out = model.generate(ids=ids, num_samples=num_samples, **kw)
         tok = model.tokenizer
-        samples = [tok.decode(row) for row in out.ids.cpu()]
+        ids = None
+        if inputs.get("prompt") is not None:
+            try:
+                symbols = [int(x) for x in str(inputs["prompt"]).split(",")]
+            except ValueError:
+                raise ValueError(f"prompt={inputs['prompt']!r}: expected comma-separated integer symbols") from None
+            ids = torch.cat([torch.tensor([tok.bos_id]), tok.encode(symbols)])[None]
+        out = model.generate(ids=ids, config=config, num_samples=num_samples)
+        samples = [tok.decode(row[:n]) for row, n in zip(out.ids.cpu(), out.lengths.tolist())]
         (out_dir / "samples.json").write_text(json.dumps(samples))
         (out_dir / "samples.txt").write_text("\n".join(tok.to_text(s) for s in samples) + "\n")
         return {"text": [str(out_dir / "samples.txt")], "files": [str(out_dir / "samples.json")], "num_samples": len(samples),
