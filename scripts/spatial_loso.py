@@ -251,7 +251,7 @@ def table(result: dict, variants: list[str]) -> str:
             vals = [_get(m, "ar_pcc_mean") for m in result["folds"][f][v]["runs"]]
             means[v].append(sum(vals) / len(vals))
             row.append(_ms(vals))
-        ridge = [_get(m, "ridge_pcc_mean") for v in variants for m in result["folds"][f][v]["runs"]]
+        ridge = [_get(m, "ridge_pcc_mean") for m in result["folds"][f][variants[0]]["runs"]]  # same features in every variant
         ridge_all.append(sum(ridge) / len(ridge))
         best = max(means[v][-1] for v in variants)
         row += [_ms(ridge), f"{best / ridge_all[-1]:.2f}", f"{HISTOGENE_PCC.get(f, float('nan')):.3f}",
@@ -283,7 +283,7 @@ def table(result: dict, variants: list[str]) -> str:
             runs = r["runs"]
             ratio = [_get(m, "ar_pcc_mean") / _get(m, "ridge_pcc_mean") for m in runs]
             drops = " / ".join(_ms([m.get(f"ar_stain_drop_{s}") for m in runs], 2) for s in ("low", "medium", "high"))
-            out += (f"| {v} | {f} | {' '.join(r['selected']) or '-'} | {', '.join(f'{x:.3f}' for x in r['inner_pcc'])} "
+            out += (f"| {v} | {f} | {' '.join(r['selected']) or '-'} | {', '.join(f'{x:.3f}' for x in r['inner_pcc'] if x == x) or '-'} "
                     f"| {_ms([_get(m, 'ar_pcc_mean') for m in runs])} | {_ms([_get(m, 'ridge_pcc_mean') for m in runs])} "
                     f"| {_ms(ratio, 2)} | {_ms([_get(m, 'ar_coverage90') for m in runs])} "
                     f"| {_ms([_get(m, 'ar_moran_ratio') for m in runs], 2)} ({_ms([_get(m, 'ridge_moran_ratio') for m in runs], 2)}) "
