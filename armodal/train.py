@@ -178,6 +178,11 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> dict:
         tmp.write_text(json.dumps(metrics, indent=2))
         tmp.replace(metrics_path)
         print(f"[armodal] done: {run_dir}  (checkpoints/, samples/, metrics.json)")
+        steps = sorted((run_dir / "samples").glob("step_*"))
+        if steps:  # where to look and listen: the last samples the run wrote
+            kinds = {ext: len(list(steps[-1].glob(f"*.{ext}"))) for ext in ("mid", "png", "wav")}
+            print(f"[armodal] latest samples: {steps[-1]}  ("
+                  + ", ".join(f"{n} .{ext}" for ext, n in kinds.items() if n) + ")")
     return metrics
 
 

@@ -253,3 +253,14 @@ def test_chorale_datamodule_windows_and_scoring():
     pieces = dm.pieces("valid")
     scored = sum(int(x["loss_mask"].sum()) for x in dm.val_dataloader())
     assert scored == sum(4 * len(c) + 3 for c in pieces)  # every voice-step once, + KEY METER POS of each piece
+
+
+def test_default_experiment_is_the_chorale_grid(tmp_path):
+    """``armodal-train`` with no arguments (``make demo``) trains the corpus chorale grid, sized for 2 cores."""
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg("train", [], tmp_path)
+    assert cfg.name == "music_chorales"
+    assert cfg.modality.data._target_.endswith("ChoraleDataModule")
+    assert Path(cfg.modality.data.path).resolve() == CORPUS.resolve()  # committed with the repo: no download
+    assert cfg.trainer.max_time is not None  # a hard stop keeps the demo under 10 minutes

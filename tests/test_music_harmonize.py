@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from symusic import Note, Score, TimeSignature, Track
 
@@ -110,3 +111,78 @@ def test_four_bar_melody_round_trips_through_the_forcing_table():
     ids = choice.float().argmax(1).numpy()
     back = np.where(ids >= tok.fermata0, ids - (tok.fermata0 - tok.pitch0), ids) - tok.pitch0 + tok.low
     np.testing.assert_array_equal(back, mel.grid[:, 0])
+
+
+# ----------------------------------------------------------------------------- decoding with the soprano forced
+def tiny_model(tok, max_seq_len: int = 128):
+    import torch
+
+    from armodal.ar_model import ARModel
+    from armodal.models import build_transformer
+
+    torch.manual_seed(0)
+    net = build_transformer(vocab_size=tok.vocab_size, num_types=tok.num_types, n_layer=1, n_head=2, d_model=32,
+                            max_seq_len=max_seq_len)
+    return ARModel(net.eval(), tok)
+
+
+@pytest.mark.parametrize("tok", [ChoraleTokenizer(hold_types=8), JSBTokenizer(hold_types=8)], ids=["chorale", "jsb"])
+def test_harmonisation_keeps_the_soprano_exactly(tok):
+    """An untrained model writes whatever it likes into alto, tenor and bass, but the soprano is the melody's,
+    also across window restarts (a 64-step melody in a 128-token context) and without known fermatas."""
+    from armodal.generation import GenerationConfig
+    from armodal.modalities.music.harmonize import harmonize
+
+    model = tiny_model(tok)
+    tune = four_bars(CADENCE)
+    tune.grid[:, 0] = np.repeat([67, 69, 71, 72, 71, 69, 67, 65, 64, 62, 60, 62, 64, 62, 60, 60], 4)  # moving line
+    tune.grid[20:24, 0] = np.nan  # a soprano rest
+    mel = melody_from_chorale(tune)
+    for known in (True, False):
+        seqs = harmonize(model, mel, known, GenerationConfig(seed=1), num_samples=3)
+        assert len(seqs) == 3
+        for ids in seqs:
+            assert tok.grammar_errors(ids) == 0
+            back = tok.to_chorale(ids)
+            np.testing.assert_array_equal(back.grid[:, 0], mel.grid[:, 0])
+            assert back.grid.shape == mel.grid.shape and not np.isnan(back.grid[:, 1:]).all()
+            if isinstance(tok, ChoraleTokenizer) and known:
+                np.testing.assert_array_equal(back.fermata, mel.fermata)
+    greedy = [harmonize(model, mel, True, GenerationConfig(strategy="greedy"), 1)[0] for _ in range(2)]
+    assert torch.equal(greedy[0], greedy[1])
+
+
+def test_harmonisation_refuses_settings_it_cannot_honour():
+    from armodal.generation import GenerationConfig, UnsupportedSetting
+    from armodal.modalities.music.harmonize import harmonize
+
+    tok = ChoraleTokenizer(hold_types=8)
+    model = tiny_model(tok)
+    mel = melody_from_chorale(four_bars(CADENCE))
+    with pytest.raises(UnsupportedSetting, match="strategy='beam'.*harmonis"):
+        harmonize(model, mel, True, GenerationConfig(strategy="beam"), 1)
+    with pytest.raises(UnsupportedSetting, match="max_new_tokens=40.*the melody"):
+        harmonize(model, mel, True, GenerationConfig(max_new_tokens=40), 1)
+
+
+def test_generate_cli_harmonises_a_midi_melody(tmp_path):
+    """``armodal-generate ckpt=... task=harmonize melody=soprano.mid num_samples=2`` on a smoke-trained default run."""
+    import json
+
+    from armodal.generate import generate, route_overrides
+    from tests.conftest import SHRINK, compose_cfg
+    from tests.test_experiments import smoke_train
+
+    run = Path(smoke_train("music_chorales", tmp_path)["run_dir"])
+    mel = write_melody(tmp_path / "soprano.mid", TUNE)
+    out = tmp_path / "harm"
+    cfg = compose_cfg("generate", route_overrides([f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "task=harmonize",
+                                                   f"melody={mel}", "num_samples=2", f"out_dir={out}"]))
+    summary = generate(cfg)
+    assert summary["soprano_kept"] == [True, True] and summary["grammar_errors"] == [0, 0]
+    assert (out / "melody.mid").is_file() and len(summary["midi"]) == 2 and len(summary["images"]) == 2
+    assert json.loads((out / "summary.json").read_text())["task"] == "harmonize"
+    with pytest.raises(ValueError, match=r"two\.mid: 2 voices"):
+        generate(compose_cfg("generate", route_overrides([f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "task=harmonize",
+                                                          f"melody={write_melody(tmp_path / 'two.mid', TUNE, 2)}",
+                                                          f"out_dir={tmp_path / 'h2'}"])))

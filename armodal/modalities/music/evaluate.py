@@ -188,10 +188,11 @@ class MusicEvaluator:
         for i, piece in enumerate(pieces):
             melody = melody_from_chorale(piece)
             seed = None if config.seed is None else config.seed + i
-            ids = harmonize(model, melody, known, config.replace(seed=seed), 1, where=piece.name)[0]
+            ids = harmonize(model, melody, known, config.replace(seed=seed), 1, where=piece.name,
+                            default_max_new=config.max_new_tokens)[0]  # max_new_tokens: the free samples'
             sampled.append(tok.to_chorale(ids))
             greedy = tok.to_chorale(harmonize(model, melody, known, config.replace(strategy="greedy", seed=None), 1,
-                                              where=piece.name)[0])
+                                              where=piece.name, default_max_new=config.max_new_tokens)[0])
             for h in (sampled[-1], greedy):
                 kept += int(np.array_equal(h.grid[:, 0], piece.grid[:, 0], equal_nan=True))
             atb_bach, atb = np.nan_to_num(piece.grid[:, 1:], nan=-1), np.nan_to_num(greedy.grid[:, 1:], nan=-1)

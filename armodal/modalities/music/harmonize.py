@@ -31,7 +31,7 @@ from armodal.modalities.music.grid import NUM_VOICES
 if TYPE_CHECKING:  # pragma: no cover
     from armodal.ar_model import ARModel
 
-__all__ = ["MelodyError", "read_melody", "melody_from_chorale", "forced_steps", "harmonize"]
+__all__ = ["MelodyError", "read_melody", "melody_from_chorale", "forced_steps", "check_settings", "harmonize"]
 
 MIDI_SUFFIXES = (".mid", ".midi")
 SCORE_SUFFIXES = (".xml", ".musicxml", ".mxl")
@@ -214,20 +214,42 @@ def forced_steps(tok, melody: Chorale, fermatas_known: bool, where: str = "melod
     return header, choice
 
 
+def check_settings(config, modality: str = "music", default_max_new: int | None = None) -> None:
+    """Raise :class:`~armodal.generation.UnsupportedSetting` for a setting harmonisation cannot honour:
+    a strategy other than sample / greedy (the soprano is forced position by position, window by
+    window), and ``max_new_tokens`` other than the modality's default (the melody sets the length)."""
+    from armodal.generation import UnsupportedSetting
+
+    if config.strategy not in ("sample", "greedy"):
+        raise UnsupportedSetting("strategy", config.strategy, modality, "harmonisation forces the soprano token by "
+                                 "token and restarts windows on long melodies; it decodes with sample or greedy only")
+    if config.max_new_tokens is not None and config.max_new_tokens != default_max_new:
+        raise UnsupportedSetting("max_new_tokens", config.max_new_tokens, modality, "in harmonisation the melody sets "
+                                 "the length (every soprano step, then EOS)")
+
+
 @torch.no_grad()
 def harmonize(model: "ARModel", melody: Chorale, fermatas_known: bool, config=None, num_samples: int = 1,
               context_steps: int | None = None, generator: torch.Generator | None = None,
-              where: str = "melody") -> list[torch.Tensor]:
+              where: str = "melody", default_max_new: int | None = None) -> list[torch.Tensor]:
     """Sample ``num_samples`` harmonisations of ``melody``; returns full id sequences (BOS ... EOS).
 
     Decoding runs window by window when the melody does not fit the model's context: each
     next window is prompted with the header (no BOS) and the last ``context_steps`` steps
-    already written (default: half the context).
+    already written (default: half the context).  ``config`` (a
+    :class:`~armodal.generation.GenerationConfig`): strategy sample or greedy, any temperature /
+    top-k / top-p ..., ``constrained=false`` keeps only the soprano forcing; ``max_new_tokens`` is
+    refused unless it equals ``default_max_new`` (the modality's default, which the melody overrides).
     """
-    from armodal.generation import GenerationConfig, Tokens, generate
+    from armodal.generation import GenerationConfig, Tokens, generate, seeded_generator
 
     tok = model.tokenizer
-    config = (config or GenerationConfig()).replace(max_new_tokens=None)
+    config = config or GenerationConfig()
+    check_settings(config, model.modality, default_max_new)
+    model.check(config)
+    config = config.replace(max_new_tokens=None)
+    if generator is None:  # one stream over every window (each window re-seeded alike would repeat its draws)
+        generator = seeded_generator(config, model.device)
     header, choice = forced_steps(tok, melody, fermatas_known, where)
     steps = len(choice)
     max_len = model.net.config.max_seq_len
