@@ -264,3 +264,26 @@ def test_quantised_greedy_follows_fp32_through_the_front_door(trained, mode, tmp
         assert (folder / "model.safetensors").stat().st_size < (full / "model.safetensors").stat().st_size
         with pytest.raises(ValueError, match="quantize=int4: this model's weights are already int8"):
             _decoder(small, modality)(GenerationConfig(strategy="greedy", quantize="int4"))
+
+
+def test_music_continuation_with_beam_search_from_the_command_line(trained):
+    """``armodal-generate ckpt=... prompt=x.mid prompt_tokens=12 strategy=beam num_beams=4``: the prompt is
+    kept and continued by the best beam (beam search itself is checked against brute force in
+    test_generation.py)."""
+    from armodal.api import load
+    from armodal.generate import generate, route_overrides
+
+    experiment, modality, ckpt, tmp = trained
+    if experiment != "music_bach":
+        pytest.skip("the MIDI-event experiment (grid experiments take 4-voice prompts; same code path)")
+    prompt = sorted((tmp / "midi").rglob("*.mid"))[0]
+    s = generate(compose_cfg("generate", route_overrides([
+        f"ckpt={ckpt}", "num_samples=1", f"out_dir={tmp / 'beam'}", f"prompt={prompt}", "prompt_tokens=12",
+        "strategy=beam", "num_beams=4", "max_new_tokens=12", "sampler.audio=false"])))
+    assert s["prompt_tokens"] == 12 and s["generation"]["strategy"] == "beam" and Path(s["midi"][0]).is_file()
+    model = load(ckpt)
+    from symusic import Score
+
+    ids = model.tokenizer.prompt_ids(Score(str(prompt)), str(prompt), 12, None)[None]
+    beam = model.generate(ids, strategy="beam", num_beams=4, max_new_tokens=12)
+    assert torch.equal(beam.ids[0, :12], ids[0]) and beam.ids.shape[1] > 12 and beam.stats["scores"]
