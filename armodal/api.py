@@ -66,7 +66,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = T
         if not is_pretrained_dir(path):
             raise CheckpointError(f"{path}: a folder without {MANIFEST}; pass a .ckpt file or a folder written by "
                                   "armodal-export")
-        return load_pretrained(path, device=device, expect_modality=expect_modality)
+        model = load_pretrained(path, device=device, expect_modality=expect_modality)
+        model.loader = load  # draft_ckpt= loads its draft the same way
+        return model
     ckpt, cfg = load_checkpoint_meta(path, expect_modality)
     if not is_ar_config(cfg):
         raise CheckpointError(f"{path}: not an autoregressive checkpoint (stage {cfg.module._target_}); "

@@ -1,4 +1,5 @@
-"""``armodal-export ckpt=PATH out=DIR``: a checkpoint -> the shareable folder format (safetensors, no pickle).
+"""``armodal-export ckpt=PATH out=DIR [quantize=int8|int4]``: a checkpoint -> the shareable folder format
+(safetensors, no pickle); ``quantize`` stores the network's linear weights quantised.
 
 See :mod:`armodal.pretrained` for the layout; ``armodal.load(DIR)`` reads it back.
 """
@@ -27,9 +28,10 @@ def export(cfg: DictConfig) -> Path:
     model = load(ckpt, use_ema=cfg.use_ema)
     has_ema = any(k.startswith("ema.") for k in read_checkpoint(ckpt, verify=False)["state_dict"])
     out = save_pretrained(model, cfg.out, weights_source="ema" if cfg.use_ema and has_ema else "raw",
-                          source_checkpoint=str(ckpt), overwrite=bool(cfg.overwrite))
+                          source_checkpoint=str(ckpt), overwrite=bool(cfg.overwrite),
+                          quantize=str(cfg.get("quantize") or "none"))
     manifest = json.loads((out / "manifest.json").read_text())
-    print(json.dumps({k: manifest[k] for k in ("name", "modality", "weights", "files")}, indent=2))
+    print(json.dumps({k: manifest[k] for k in ("name", "modality", "weights", "transform", "files")}, indent=2))
     print(f"[armodal] exported {ckpt} -> {out}  (armodal.load({str(out)!r}))")
     return out
 

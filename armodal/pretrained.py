@@ -13,8 +13,10 @@
 loader and the same target checks as a checkpoint's config, the weights with ``safetensors``
 and the tokenizer from its JSON; non-finite weights are refused.  Nothing goes through pickle.
 
-A later weight transform (e.g. quantisation) plugs in between :func:`export_tensors` and the
-write, and records itself in the manifest's ``"transform"`` entry (``null`` today).
+``save_pretrained(..., quantize="int8")`` (``armodal-export quantize=int8``) stores the network's
+linear weights quantised (:mod:`armodal.generation.quantize`: int8 per channel, or int4 groups) and
+records ``{"quantize": mode}`` in the manifest's ``"transform"`` entry (``null`` otherwise);
+:func:`load_pretrained` rebuilds the quantised modules before loading those weights.
 """
 
 from __future__ import annotations
@@ -79,15 +81,29 @@ def _model_card(manifest: dict) -> str:
     )
 
 
+EXPORT_QUANTIZE = ("none", "int8", "int4")  # int8_dynamic's fbgemm-packed weights are no plain tensors
+
+
 def save_pretrained(model: ARModel, out: str | Path, *, weights_source: str = "ema", source_checkpoint: str = "",
-                    overwrite: bool = False) -> Path:
-    """Write ``model`` as a shareable folder (see the module docstring); the folder appears complete or not at all."""
+                    overwrite: bool = False, quantize: str = "none") -> Path:
+    """Write ``model`` as a shareable folder (see the module docstring); the folder appears complete or not at all.
+
+    ``quantize``: ``int8`` / ``int4`` store the network's linear weights quantised (the model is not changed).
+    """
     from safetensors.torch import save_file
 
     import armodal
+    from armodal.generation.quantize import quantized
 
     if model.config is None:
         raise ValueError("save_pretrained needs a model with its training config (load it with armodal.load)")
+    if quantize not in EXPORT_QUANTIZE:
+        raise ValueError(f"quantize={quantize!r}: an export stores one of {', '.join(EXPORT_QUANTIZE)} "
+                         "(int8_dynamic is a decoding option: generate with quantize=int8_dynamic)")
+    if getattr(model.net, "quantized", None) and quantize != "none":
+        raise ValueError(f"quantize={quantize}: this model is quantised already ({model.net.quantized})")
+    if quantize != "none":
+        model = ARModel(quantized(model.net, quantize), model.tokenizer, model.conditioner, model.config)
     out = Path(out).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
@@ -113,7 +129,7 @@ def save_pretrained(model: ARModel, out: str | Path, *, weights_source: str = "e
             "modality": model.modality,
             "weights": {"file": WEIGHTS_FILE, "source": weights_source, "tied": tied,
                         "num_tensors": len(tensors), "num_params": int(sum(v.numel() for v in tensors.values()))},
-            "transform": None,  # e.g. a quantisation step, recorded here by whoever adds one
+            "transform": None if quantize == "none" else {"quantize": quantize},
             "source": {"checkpoint": str(source_checkpoint)},
             "files": {},
         }
@@ -189,6 +205,15 @@ def load_pretrained(directory: str | Path, device: str | torch.device = "cpu",
         tensors[name] = tensors[stored]
     verify_weights(tensors, None, directory / WEIGHTS_FILE)
     net = instantiate(cfg.model, vocab_size=tokenizer.vocab_size, num_types=tokenizer.num_types)
+    transform = manifest.get("transform") or {}
+    if transform:
+        from armodal.generation.quantize import quantize_weights
+
+        mode = transform.get("quantize") if isinstance(transform, dict) else None
+        if mode not in EXPORT_QUANTIZE[1:]:
+            raise CheckpointError(f"{directory / MANIFEST}: unknown weight transform {transform!r} (this armodal reads "
+                                  f"quantize = {', '.join(EXPORT_QUANTIZE[1:])})")
+        quantize_weights(net, mode)  # the quantised modules, whose buffers the stored weights fill
     cond = None
     if cfg.modality.get("conditioner") is not None:
         cond = instantiate(cfg.modality.conditioner, d_model=net.config.d_model)

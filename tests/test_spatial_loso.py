@@ -75,7 +75,8 @@ def test_collect_reads_only_its_own_manifest(tmp_path, monkeypatch):
     mine.write_text(json.dumps(_metrics("A", 0.3)))
     (inv / "manifest.json").write_text(json.dumps({"runs": {"A/w/seed0": {"metrics": str(mine)}}}))
     mod.main()
-    assert "0.300 ± 0.000" in (inv / "loso.md").read_text() and "0.777" not in (inv / "loso.md").read_text()
+    md = (inv / "loso.md").read_text()
+    assert "| 0.300 |" in md and "0.777" not in md and "± 0.000" not in md  # one seed: the value, no made-up spread
 
 
 def test_plan_file_is_consistent():
@@ -86,6 +87,33 @@ def test_plan_file_is_consistent():
     assert plan["sections"] == ["C2", "C3", "C4", "C5"] and len(plan["seeds"]) == 3
     for name, v in plan["variants"].items():
         assert mod._candidates(v.get("grid") or {}), name
+
+
+def test_reduced_plan_differs_only_in_budget():
+    import yaml
+
+    full = yaml.safe_load((ROOT / "scripts" / "spatial_loso.yaml").read_text())
+    red = yaml.safe_load((ROOT / "scripts" / "spatial_loso_reduced.yaml").read_text())
+    for k in ("sections", "select", "data", "variants", "inner_seed", "inner_eval"):
+        assert red[k] == full[k], k
+
+
+def test_table_with_the_robustness_check_at_medium_only():
+    mod = _script()
+
+    def m(f, pcc):
+        d = _metrics(f, pcc)
+        del d["ar_stain_drop_low"], d["ar_stain_drop_high"]
+        return d
+
+    res = {"folds": {f: {"s": {"runs": [m(f, 0.1)], "selected": [], "inner_pcc": []},
+                         "w": {"runs": [m(f, 0.25)], "selected": [], "inner_pcc": []}} for f in ("A", "B")}}
+    md = mod.table(res, ["s", "w"])
+    assert "| A | 0.100 | 0.250 | 0.100 | 2.50 | 0.050 / 0.050 | 1.10 / 1.10 / 1.50 | 0.900 / 0.900 |" in md
+    assert "| **mean** | 0.100 | 0.250 | 0.100 | 2.50 |" in md
+    assert "n/a / 0.05 / n/a" in md
+    rows = mod.summary_rows(res, ["s", "w"], "stamp")
+    assert rows[0]["stain_drop_medium"] == pytest.approx(0.05) and rows[0]["stain_drop_low"] != rows[0]["stain_drop_low"]
 
 
 def test_summary_rows_for_reproduce():

@@ -19,6 +19,8 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from armodal.generation.quantize import QUANTIZE_MODES
+
 __all__ = ["GenerationConfig", "UnsupportedSetting", "STRATEGIES", "unsupported"]
 
 STRATEGIES = ("sample", "greedy", "beam", "speculative", "lookahead")
@@ -44,6 +46,7 @@ class GenerationConfig:
     num_draft: int | None = None  # speculative: tokens the draft proposes per target forward (None = 4)
     lookahead_size: int | None = None  # lookahead: tokens guessed and verified per forward (None = 4)
     compile: str = "auto"  # auto | true | false: the compiled static-cache step (FastDecoder); auto = where measured faster
+    quantize: str = "none"  # none | int8 | int4 | int8_dynamic: decode with a quantised copy of the weights (quantize.py)
     seed: int | None = None  # seeds the sampling generator; None = torch's global RNG
 
     def __post_init__(self) -> None:
@@ -56,6 +59,11 @@ class GenerationConfig:
         if key not in _COMPILE:
             bad("compile", "must be auto, true or false")
         object.__setattr__(self, "compile", _COMPILE[key])
+        if self.quantize not in QUANTIZE_MODES:
+            bad("quantize", f"must be one of {', '.join(QUANTIZE_MODES)}")
+        if self.quantize == "int8_dynamic" and self.compile == "true":
+            bad("quantize", "int8_dynamic runs in the eager engine only (its torch.ao modules do not compile); "
+                "use compile=auto or false, or quantize=int8")
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "cfg_scale", "length_penalty"):
             if getattr(self, name) is not None:
                 _float(self, name)

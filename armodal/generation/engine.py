@@ -29,7 +29,7 @@ import torch
 from armodal.generation.config import GenerationConfig
 from armodal.generation.processors import cfg_mix, process, sample
 
-__all__ = ["Engine", "GenerationOutput", "Tokens", "generate", "seeded_generator"]
+__all__ = ["Engine", "GenerationOutput", "Tokens", "generate", "seeded_generator", "weights_for"]
 
 TypesFn = Callable[[torch.Tensor], "torch.Tensor | None"]  # ids [B, t] -> types [B, t] (causal)
 AllowedFn = Callable[[torch.Tensor], "torch.Tensor | None"]  # ids [B, t] -> bool [B, V]
@@ -254,11 +254,17 @@ def generate(
       (else ``config.compile`` decides; see :func:`armodal.generation.fast.decoder_for`).
     * ``use_cache=False``: the uncached reference loop (``sample`` / ``greedy`` only).
     * ``generator``: else one seeded from ``config.seed``, else torch's global RNG.
+    * ``config.quantize``: the target (and the draft) decode with a quantised copy of their weights
+      (:func:`weights_for`); ``net`` itself is never modified.
     """
     from armodal.generation import beam, lookahead, sampling, speculative
     from armodal.generation.fast import decoder_for, use_compile
 
     config = (config or GenerationConfig()).replace(**overrides)
+    if decoder is not None and config.quantize != "none" and getattr(net, "quantized", None) != config.quantize:
+        raise ValueError(f"quantize={config.quantize}: a FastDecoder serves the weights it was built on; build it on "
+                         "armodal.generation.quantize.quantized(net, mode) instead")
+    net = weights_for(net, config)
     if tokens is None:
         tokens = Tokens(eos_id, pad_id, types_fn, allowed_fn)
     ids = _inputs(net, ids, prefix)
@@ -289,6 +295,26 @@ def generate(
     else:
         out = lookahead.decode(engine, ids, num_return=n, **run)
     return _repeat(out, reps)
+
+
+def weights_for(net, config: GenerationConfig):
+    """The network to decode with: ``net``, or its quantised copy (cached on ``net``) for ``config.quantize``.
+
+    A network that is quantised already (an export written with ``quantize=``) decodes as it is; asking it for
+    another mode is an error naming both.
+    """
+    from armodal.generation.quantize import quantized
+
+    mode, have = config.quantize, getattr(net, "quantized", None)
+    if have:
+        if mode not in ("none", have):
+            raise ValueError(f"quantize={mode}: this model's weights are already {have} (a quantised export); "
+                             f"use quantize={have} or none, or the full-precision checkpoint")
+        return net
+    if mode == "int4" and next(net.parameters()).device.type != "cpu":
+        raise ValueError("quantize=int4 runs on PyTorch's CPU int4 kernel only; use quantize=int8 on "
+                         f"{next(net.parameters()).device}")
+    return quantized(net, mode)
 
 
 def seeded_generator(config: GenerationConfig, device) -> torch.Generator | None:

@@ -227,4 +227,4 @@ def use_compile(config: GenerationConfig, device: torch.device | str, strategy: 
     """
     if config.compile != "auto":
         return config.compile == "true"
-    return torch.device(device).type == "cuda"
+    return torch.device(device).type == "cuda" and config.quantize != "int8_dynamic"  # torch.ao modules do not compile

@@ -23,7 +23,7 @@ from typing import Protocol
 import torch
 
 from armodal.generation.config import GenerationConfig
-from armodal.generation.engine import Engine, GenerationOutput, Rows, Tokens
+from armodal.generation.engine import Engine, GenerationOutput, Rows, Tokens, weights_for
 from armodal.generation.processors import probs, sample
 
 __all__ = ["Draft", "DraftProposer", "accept", "as_draft", "decode", "verify_loop"]
@@ -47,6 +47,7 @@ class Proposer(Protocol):
 
 def as_draft(draft, target_net, config: GenerationConfig, tokens: Tokens, device) -> Draft:
     d = draft if isinstance(draft, Draft) else Draft(draft)
+    d = Draft(weights_for(d.net, config), d.prefix, d.uncond_prefix)  # quantize= applies to the draft too
     if d.net is target_net:  # the same module cannot hold two sets of caches
         d = Draft(copy.deepcopy(target_net), d.prefix, d.uncond_prefix)
     if d.net.config.vocab_size != target_net.config.vocab_size:
