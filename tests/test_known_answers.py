@@ -202,10 +202,11 @@ def test_music_evaluator_reference_statistics_on_a_known_chorale(tmp_path):
     m = MusicEvaluator(num_samples=2, generation={"max_new_tokens": 16})(ARModel(net.eval(), dm.tokenizer), dm, tmp_path)
     # held notes: S 72 (8 steps), A 67 then 69 (4 + 4), T 64 (8), B 48 (last 4): 5 onsets in 2 quarters;
     # 3 voices sound in steps 0-3 and 4 in steps 4-7; range 72 - 48
-    assert m["music/reference_pieces"] == 1 and m["music/ref_notes"] == 5
-    assert m["music/ref_note_density"] == pytest.approx(2.5)
+    assert m["music/reference_pieces"] == 1 and m["music/ref_pieces"] == 1
+    assert m["music/ref_note_density"] == pytest.approx(2.5)  # 5 onsets in 2 quarters
     assert m["music/ref_polyphony"] == pytest.approx(3.5)
     assert m["music/ref_pitch_range"] == 24.0
+    assert m["music/ref_voice_crossing_per_100"] == 0.0 and m["music/ref_key_stability"] == 1.0  # one key, no crossing
     assert m["music/grammar_error_rate"] == 0.0 and m["music/num_samples"] == 2
 
 

@@ -162,7 +162,8 @@ def test_predict_new_slide_writes_h5ad_and_maps(tmp_path, how):
     pred = ad.read_h5ad(s["h5ad"])
     assert pred.n_obs == s["n_spots"] and pred.n_vars == 6
     assert pred.n_obs == (49 if how == "csv" else 64)  # 7 x 7 listed spots; a 25-px grid over the 200x200-px tissue
-    assert {"std", "q05", "q95"} <= set(pred.layers) and "measured" not in pred.layers
+    assert {"std", "q05", "q95", "generated"} <= set(pred.layers) and "measured" not in pred.layers
+    json.dumps(s)  # the summary (written to summary.json) holds no arrays
     assert (pred.layers["q05"] <= pred.layers["q95"] + 1e-6).all() and (pred.layers["std"] >= 0).all()
     assert np.isfinite(pred.X).all() and s["n_windows"] > 1 and s["layout"]["order"] == "hilbert"
     assert (tmp_path / "out" / "slide_maps.png").stat().st_size > 1000

@@ -178,13 +178,16 @@ def predict_new_slide(model, out_dir: str | Path, num_samples: int, config: Gene
     noisy, mean, info = predict_expression(model, feats, np.asarray(section.obsm["spatial"]), num_samples, layout,
                                            config, noise=noise)
     pred = prediction_adata(section, list(model.tokenizer.genes), noisy, None, mean=mean)
+    if "clean_sample" in info:  # one generated map (a sample's codes, no quantiser residual), beside the mean
+        pred.layers["generated"] = np.asarray(info["clean_sample"], np.float32)
     out_dir = Path(out_dir)
     h5 = out_dir / f"{name}_pred.h5ad"
     pred.write_h5ad(h5)
     show = genes or plot_genes(pred, n_plot_genes)
     png = plot_maps(pred, show, out_dir / f"{name}_maps.png", title=f"{name}: K={num_samples} samples, no counts")
     return {"section": name, "n_spots": int(pred.n_obs), "num_samples": int(num_samples), "h5ad": str(h5),
-            "images": [str(png)], "layout": layout, **info, "seconds": round(time.time() - t0, 1)}
+            "images": [str(png)], "layout": layout, **{k: v for k, v in info.items() if not isinstance(v, np.ndarray)},
+            "seconds": round(time.time() - t0, 1)}  # arrays go to the h5ad, not into the summary
 
 
 def plot_genes(pred, n: int) -> list[str]:
