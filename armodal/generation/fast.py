@@ -36,6 +36,7 @@ The compiled step reads the weights as they are when it is first called; call
 
 from __future__ import annotations
 
+import types
 import weakref
 
 import torch
@@ -95,12 +96,15 @@ def compile_step(mode: str = "default", dynamic: bool = False):
     ``freeze`` (inductor freezing: prepacked oneDNN weights), or ``eager`` (no compilation:
     the same fixed-shape step, run eagerly, as a reference).
     """
+    # each step gets its own code object: dynamo keys its graphs (and its recompile limit of 8) on the code
+    # object, so one shared function would run out of recompiles once a process has decoded with a few models
+    own = types.FunctionType(_decode_one.__code__.replace(), _decode_one.__globals__, "_decode_one")
     if mode == "eager":
         fn = _decode_one
     elif mode == "freeze":
-        fn = torch.compile(_decode_one, fullgraph=True, dynamic=dynamic, options={"freezing": True})
+        fn = torch.compile(own, fullgraph=True, dynamic=dynamic, options={"freezing": True})
     else:
-        fn = torch.compile(_decode_one, mode=mode, fullgraph=True, dynamic=dynamic)
+        fn = torch.compile(own, mode=mode, fullgraph=True, dynamic=dynamic)
 
     graphs = mode in ("reduce-overhead", "max-autotune")  # modes that capture CUDA graphs
 
