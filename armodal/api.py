@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra.utils import instantiate
@@ -15,7 +16,7 @@ from armodal.pretrained import MANIFEST, is_pretrained_dir, load_pretrained
 from armodal.training.checkpoint import CheckpointError, read_checkpoint, verify_tokenizer_files
 from armodal.utils.safety import locate_target, safe_config
 
-__all__ = ["ARModel", "load", "load_stage", "load_checkpoint_meta", "is_ar_config", "AR_MODULE"]
+__all__ = ["ARModel", "load", "load_any", "load_stage", "load_checkpoint_meta", "is_ar_config", "AR_MODULE"]
 
 AR_MODULE = "armodal.training.ARLitModule"
 
@@ -73,6 +74,11 @@ def load(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = T
     if not is_ar_config(cfg):
         raise CheckpointError(f"{path}: not an autoregressive checkpoint (stage {cfg.module._target_}); "
                               "load it with armodal.load_stage, or pass the AR stage's checkpoint")
+    return _build_ar(path, ckpt, cfg, device, use_ema)
+
+
+def _build_ar(path: Path, ckpt: dict, cfg: DictConfig, device, use_ema: bool) -> ARModel:
+    """The AR model of a checkpoint already read and checked by :func:`load_checkpoint_meta`."""
     meta = ckpt["armodal"]
     state = ckpt["state_dict"]
     tok_dir = _find_tokenizer_dir(path, meta)
@@ -105,9 +111,27 @@ def load_stage(path: str | Path, device: str | torch.device = "cpu", expect_moda
     ckpt, cfg = load_checkpoint_meta(path, expect_modality)
     if is_ar_config(cfg):
         raise CheckpointError(f"{path}: an autoregressive checkpoint; load it with armodal.load")
+    return _build_stage(path, ckpt, cfg, device)
+
+
+def _build_stage(path: Path, ckpt: dict, cfg: DictConfig, device):
+    """The non-AR stage of a checkpoint already read and checked by :func:`load_checkpoint_meta`."""
     cls = locate_target(cfg.module._target_, str(path), "module._target_")
     if hasattr(cls, "from_checkpoint"):
         return cls.from_checkpoint(ckpt, cfg, path).to(device).eval()
     module = instantiate(cfg.module)
     module.load_state_dict(ckpt["state_dict"])
     return module.to(device).eval()
+
+
+def load_any(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> tuple[Any, DictConfig, bool]:
+    """(model, saved config, is_ar) of an AR checkpoint, an exported folder or another stage, reading the
+    file once (``armodal-eval`` takes all three)."""
+    path = Path(path)
+    if path.is_dir():
+        model = load(path, device=device)
+        return model, model.config, True
+    ckpt, cfg = load_checkpoint_meta(path)
+    if is_ar_config(cfg):
+        return _build_ar(path, ckpt, cfg, device, use_ema), cfg, True
+    return _build_stage(path, ckpt, cfg, device), cfg, False

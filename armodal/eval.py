@@ -29,23 +29,16 @@ def _test_loader(dm) -> tuple[object | None, str | None]:
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    from armodal.api import is_ar_config, load, load_checkpoint_meta, load_stage
+    from armodal.api import load_any
     from armodal.ar_model import nest_settings
 
     register_resolvers()
     if not cfg.get("ckpt"):
         raise ValueError("armodal-eval needs ckpt=PATH (a checkpoint written by armodal-train)")
     ckpt = Path(cfg.ckpt).resolve()
-    if ckpt.is_dir():  # a folder written by armodal-export: an AR model with its config
-        model = load(ckpt, device=pick_device(cfg.device))
-        saved, is_ar = model.config, True
-    else:
-        _, saved = load_checkpoint_meta(ckpt)
-        is_ar = is_ar_config(saved)
-        if is_ar:
-            model = load(ckpt, device=pick_device(cfg.device), use_ema=cfg.use_ema)
-        else:  # another stage (e.g. the image VQ tokenizer): only the modality's own metrics apply
-            model = load_stage(ckpt, device=pick_device(cfg.device))
+    # an AR checkpoint, a folder written by armodal-export, or another stage (e.g. the image VQ tokenizer:
+    # only the modality's own metrics apply)
+    model, saved, is_ar = load_any(ckpt, device=pick_device(cfg.device), use_ema=cfg.use_ema)
     data_cfg = OmegaConf.merge(saved.modality.data, cfg.get("data") or {})
     dm = instantiate(data_cfg)
     dm.prepare_data()
