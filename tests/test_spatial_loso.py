@@ -142,13 +142,17 @@ def test_inner_splits_limits_the_inner_validation_sections(tmp_path):
     assert [c[2] for c in inner] == ["A", "A"] and all(c[1] == ("A", "C", "D") for c in inner)  # 2 candidates x 1 split
 
 
-def test_corruption_plan_adds_only_the_grid_to_the_reduced_plan():
+@pytest.mark.parametrize("name, grids", [
+    ("corruption", {"spot": {}, "raster": {"modality.data.neighbour_corruption": [0.0, 0.3, 0.7]}}),
+    ("steps", {"spot": {"trainer.max_steps": [100, 300]}, "raster": {"trainer.max_steps": [100, 300]}}),
+])
+def test_session4_plans_add_only_their_grid_to_the_reduced_plan(name, grids):
     import yaml
 
     red = yaml.safe_load((ROOT / "scripts" / "spatial_loso_reduced.yaml").read_text())
-    cor = yaml.safe_load((ROOT / "scripts" / "spatial_loso_corruption.yaml").read_text())
+    plan = yaml.safe_load((ROOT / "scripts" / f"spatial_loso_{name}.yaml").read_text())
     for k in ("sections", "select", "data", "seeds", "inner_seed", "num_samples", "train", "eval", "inner_eval"):
-        assert cor[k] == red[k], k
-    assert cor["variants"]["spot"] == red["variants"]["spot"]
-    assert cor["variants"]["raster"]["fixed"] == red["variants"]["raster"]["fixed"]
-    assert cor["variants"]["raster"]["grid"] == {"modality.data.neighbour_corruption": [0.0, 0.3, 0.7]}
+        assert plan[k] == red[k], k
+    assert plan["inner_splits"] == 1 and set(plan["variants"]) == set(grids)
+    for v, grid in grids.items():
+        assert plan["variants"][v]["fixed"] == red["variants"][v]["fixed"] and plan["variants"][v]["grid"] == grid
