@@ -8,7 +8,10 @@ outer fold F (the held-out section), with T its three training sections:
    in T, ridge on T \ {v} (its L2 chosen inside, by leave-one-section-out on T \ {v}) predicts v; the
    candidate with the best mean PCC over the three v wins (ties: the first listed);
 2. ``grid`` of a variant (optional, costly) -- each candidate AR setting is trained on T \ {v} and
-   evaluated on v (``modality.data.sections`` = T only, so F is never read); best mean inner PCC wins;
+   evaluated on v (``modality.data.sections`` = T only, so F is never read); best mean inner PCC wins.  The
+   plan's ``inner_splits: n`` (default: all) uses only the first n sections of T as v (the budget); the
+   encoder of the fold (fitted on T's images, no counts) is reused, so v's image is in it
+   (``modality.data.ssl_test_image=true``, the same for every candidate);
 3. outer runs -- the variant with the selected settings is trained on T with every seed and evaluated
    once on F (AR metrics, the in-run ridge baseline, coverage, Moran's I, the stain-robustness drop).
 
@@ -201,9 +204,10 @@ def nested(runner: Runner, plan: dict, folds: list[str], variants: list[str], se
             scores = []
             for ci, cand in enumerate(cands):
                 inner = []
-                for v in train_secs if len(cands) > 1 else []:
+                for v in train_secs[: plan.get("inner_splits", len(train_secs))] if len(cands) > 1 else []:
                     m = runner.run(f"{fold}/{name}/inner_c{ci}_{v}", train_secs, v, plan["inner_seed"],
-                                   [*plan.get("data", []), *sel["selected"], *var["fixed"], *cand, ssl],
+                                   [*plan.get("data", []), *sel["selected"], *var["fixed"], *cand, ssl,
+                                    "modality.data.ssl_test_image=true"],
                                    plan["inner_num_samples"], plan["inner_eval"])
                     inner.append(None if m is None else m["ar_pcc_mean"])
                 scores.append(sum(inner) / len(inner) if inner and None not in inner else float("nan"))

@@ -49,6 +49,8 @@ def test_nested_selection_never_reads_the_outer_fold(tmp_path):
     outer = [c for c in calls if "seed" in c[0]]
     assert len(inner) == 2 * 3 and len(outer) == 3
     assert all("A" not in c[1] and c[2] != "A" for c in inner)  # the outer fold is not even in the inner section list
+    assert all("modality.data.ssl_test_image=true" in c[4] for c in inner)  # the fold's encoder, reused
+    assert not any("modality.data.ssl_test_image=true" in c[4] for c in outer)
     assert all(c[2] == "A" and "x.k=2" in c[4] for c in outer)  # the better inner candidate is the one run outside
     r = res["folds"]["A"]["w"]
     assert r["selected"] == ["x.k=2"] and r["inner_pcc"] == pytest.approx([0.1, 0.2])
@@ -123,3 +125,34 @@ def test_summary_rows_for_reproduce():
     assert [r["row"] for r in rows] == ["w A", "w B", "w mean"]
     assert rows[0]["ar_pcc"] == pytest.approx(0.21) and rows[0]["ar_pcc_sd"] == pytest.approx(0.01)
     assert rows[2]["ar_over_ridge"] == pytest.approx(2.1) and set(rows[0]) - {"invocation"} <= set(rows[2])
+
+
+def test_inner_splits_limits_the_inner_validation_sections(tmp_path):
+    mod = _script()
+    calls = []
+
+    class Fake(mod.Runner):
+        def run(self, key, sections, test, seed, overrides, num_samples, eval_overrides):
+            calls.append((key, tuple(sections), test))
+            return _metrics(test, 0.1)
+
+    plan = dict(PLAN, inner_splits=1)
+    mod.nested(Fake(tmp_path, plan, dry_run=False), plan, ["B"], ["w"], [0])
+    inner = [c for c in calls if "inner" in c[0]]
+    assert [c[2] for c in inner] == ["A", "A"] and all(c[1] == ("A", "C", "D") for c in inner)  # 2 candidates x 1 split
+
+
+@pytest.mark.parametrize("name, grids", [
+    ("corruption", {"spot": {}, "raster": {"modality.data.neighbour_corruption": [0.0, 0.3, 0.7]}}),
+    ("steps", {"spot": {"trainer.max_steps": [100, 300]}, "raster": {"trainer.max_steps": [100, 300]}}),
+])
+def test_session4_plans_add_only_their_grid_to_the_reduced_plan(name, grids):
+    import yaml
+
+    red = yaml.safe_load((ROOT / "scripts" / "spatial_loso_reduced.yaml").read_text())
+    plan = yaml.safe_load((ROOT / "scripts" / f"spatial_loso_{name}.yaml").read_text())
+    for k in ("sections", "select", "data", "seeds", "inner_seed", "num_samples", "train", "eval", "inner_eval"):
+        assert plan[k] == red[k], k
+    assert plan["inner_splits"] == 1 and set(plan["variants"]) == set(grids)
+    for v, grid in grids.items():
+        assert plan["variants"][v]["fixed"] == red["variants"][v]["fixed"] and plan["variants"][v]["grid"] == grid

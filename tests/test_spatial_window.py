@@ -151,3 +151,42 @@ def test_window_order_follows_the_spatial_order():
     sp8, off8 = window_layout(pos, w, "raster", d8=1)  # a rotated window is ordered in its rotated frame
     assert not np.array_equal(sp8, sp)
     np.testing.assert_allclose(np.linalg.norm(off8, axis=1), np.linalg.norm(pos[sp8] - pos[0], axis=1))
+
+
+def test_teacher_forced_diagnostic_conditions_on_the_measured_codes(tok):
+    """scripts/spatial_exposure.py: each spot is sampled once from its owner window after the *measured* codes
+    of the spots before it -- the first spot of a window sees none, so changing the measured codes leaves it
+    alone and changes later spots."""
+    import importlib.util
+    from pathlib import Path
+
+    from armodal.ar_model import ARModel
+    from armodal.generation import GenerationConfig
+
+    spec = importlib.util.spec_from_file_location("spatial_exposure", Path(__file__).resolve().parents[1] / "scripts" / "spatial_exposure.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    pos, expr, feats = _section(n_side=7)
+    net, cond = _model(tok)
+    with torch.no_grad():  # a sharper random net: its samples react to the context (at init they barely do)
+        for w in net.parameters():
+            w.mul_(4)
+    model = ARModel(net, tok, cond)
+    true = tok.encode(expr).view(len(expr), -1)
+    run = lambda codes: mod.teacher_forced_codes(model, feats, pos, codes, 32, 12, "raster", GenerationConfig(seed=0))  # noqa: E731
+    a = run(true)
+    assert a.shape == (len(pos), 32, tok.n_levels)
+    for q in range(tok.n_levels):
+        assert ((a[..., q] - 1) // tok.codebook_size == q).all()
+    torch.testing.assert_close(run(true), a)
+    # another measured code for one spot j: only the spots after j in their owner window may change
+    cov = cover(pos, 12)
+    order = {w: list(window_layout(pos, cov.windows[w], "raster")[0]) for w in range(len(cov.windows))}
+    j = 24
+    after = np.array([j in order[cov.owner[s]] and order[cov.owner[s]].index(j) < order[cov.owner[s]].index(s)
+                      for s in range(len(pos))])
+    other = true.clone()
+    other[j] = true[(true != true[j]).any(1)][0]
+    b = run(other)
+    assert after.sum() > 3 and torch.equal(a[~after], b[~after])
+    assert not torch.equal(a[after], b[after])

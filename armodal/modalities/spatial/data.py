@@ -142,6 +142,8 @@ class SpatialDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
         seed: int = 0,
+        neighbour_corruption: float = 0.0,
+        ssl_test_image: bool = False,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
@@ -169,9 +171,13 @@ class SpatialDataModule(pl.LightningDataModule):
         bad = [x for x in self.ssl_sections if x not in self.section_names]
         if bad:
             raise SpatialDataError(f"features.ssl_sections {bad} are not among the sections {self.section_names}")
-        if self.test_section in self.ssl_sections:
+        if self.test_section in self.ssl_sections and not ssl_test_image:
             raise SpatialDataError(f"features.ssl_sections includes the held-out test_section {self.test_section!r}: "
-                                   "its image would train the encoder")
+                                   "its image would train the encoder (ssl_test_image=true allows it for inner "
+                                   "selection runs, whose test section is a training section of the outer fold)")
+        if self.test_section in self.ssl_sections:
+            log.warning("spatial: the encoder is fitted on the test section %s's image (no counts): ssl_test_image=true, "
+                        "for inner selection runs only", self.test_section)
         if inputs not in ("features", "pixels"):
             raise ValueError(f"modality.data.inputs must be 'features' (frozen encoder) or 'pixels' (end to end), got {inputs!r}")
         self.inputs = inputs
@@ -185,6 +191,12 @@ class SpatialDataModule(pl.LightningDataModule):
         self.window_radius = int(window_radius)
         if self.window_size < 1 or self.window_radius < 1:
             raise ValueError(f"window_size ({window_size}) and window_radius ({window_radius}) must be >= 1")
+        self.neighbour_corruption = float(neighbour_corruption)
+        if not 0.0 <= self.neighbour_corruption < 1.0:
+            raise ValueError(f"modality.data.neighbour_corruption must be in [0, 1), got {neighbour_corruption!r}")
+        if self.neighbour_corruption and sequence != "window":
+            raise ValueError("modality.data.neighbour_corruption corrupts the earlier spots' codes of window sequences; "
+                             f"sequence={sequence!r} has none (use 0)")
         self.neighbours = neighbours if self.tok_cfg["kind"] == "rvq" else 0
         self.val_fraction, self.batch_size, self.num_workers = val_fraction, batch_size, num_workers
         self.cache_dir, self.seed = cache_dir, seed
@@ -264,6 +276,7 @@ class SpatialDataModule(pl.LightningDataModule):
         self.is_train = {s: np.zeros(len(self.expr[s]), bool) for s in self.section_names}
         for s, j in train_spots:
             self.is_train[s][j] = True
+        self._train_index = {s: torch.as_tensor(np.nonzero(self.is_train[s])[0]) for s in self.train_sections}
         if self.sequence == "window":
             self.windows = {s: knn_windows(p, np.arange(len(p)), self.window_size) for s, p in self.pos.items()}
             self.covers = {s: cover(p, self.window_size) for s, p in self.pos.items()}
@@ -338,13 +351,31 @@ class SpatialDataModule(pl.LightningDataModule):
             else:
                 feats.append(self.feats[s][0, torch.as_tensor(sp)])
             pos.append(torch.as_tensor(off, dtype=torch.float32))
-            i, t = window_tokens(self.codes[s][torch.as_tensor(sp)][None], off[None], self.tokenizer)
+            codes, clean = self.codes[s][torch.as_tensor(sp)], np.ones(len(sp), bool)
+            if train and self.neighbour_corruption:
+                codes, clean = self._corrupt(s, codes, generator)
+            i, t = window_tokens(codes[None], off[None], self.tokenizer)
             ids.append(i[0])
             types.append(t[0])
-            m = torch.as_tensor(np.repeat(scored(sp), self.tokenizer.tokens_per_spot + 1))
+            m = torch.as_tensor(np.repeat(scored(sp) & clean, self.tokenizer.tokens_per_spot + 1))
             mask.append(m & (i[0] != self.tokenizer.marker_id))
         return {"ids": torch.stack(ids), "types": torch.stack(types), "loss_mask": torch.stack(mask),
                 "cond": {"feats": torch.stack(feats).float(), "pos": torch.stack(pos)}}
+
+    def _corrupt(self, s: str, codes: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, np.ndarray]:
+        """Training windows with noisy neighbours: each spot but the last (which is no spot's context), with
+        probability ``neighbour_corruption``, gets the codes of a random training spot of its section (the
+        training marginal) instead of its own, and carries no loss (its targets would be the wrong codes).
+        So the later spots learn to read the H&E and to trust earlier codes only as much as they deserve, as
+        at sampling time, where the earlier codes are the model's own samples.  -> (codes [n, Q], clean [n])."""
+        bad = torch.rand(len(codes), generator=generator) < self.neighbour_corruption
+        bad[-1] = False
+        if bad.any():
+            pool = self._train_index[s]
+            pick = pool[torch.randint(0, len(pool), (int(bad.sum()),), generator=generator)]
+            codes = codes.clone()
+            codes[bad] = self.codes[s][pick]
+        return codes, ~bad.numpy()
 
     def _spot_batch(self, spots: list[tuple[str, int]], train: bool = False, generator: torch.Generator | None = None) -> dict:
         """Sequences for centre spots [(section, index)] -> ids [B, N*tps], types, cond feats [B, N, F] / pos [B, N, 2].
