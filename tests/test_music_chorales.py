@@ -255,6 +255,32 @@ def test_chorale_datamodule_windows_and_scoring():
     assert scored == sum(4 * len(c) + 3 for c in pieces)  # every voice-step once, + KEY METER POS of each piece
 
 
+def test_key_prior_original_never_targets_a_transposed_key():
+    """``key_prior=original``: a transposed piece's KEY token is context, not a target; its notes and the
+    other header tokens still are, and an untransposed piece's KEY is a target.  ``transposed`` targets all."""
+    from armodal.modalities.music.data import _JSBTrainWindows
+
+    seen = {"original": set(), "transposed": set()}
+    for prior in seen:
+        dm = ChoraleDataModule(str(CORPUS), batch_size=4, window_steps=32, stride_steps=16, hold_types=8,
+                               start_prob=1.0, key_prior=prior)
+        dm.setup()
+        tok, train = dm.tokenizer, dm.splits["train"][:24]
+        ds = _JSBTrainWindows(train, tok, 32, 5, 1.0, dm.untarget_when_transposed())
+        for i in range(len(train)):
+            for _ in range(3):
+                item = ds[i]
+                b = dm.collate([item])
+                key = int(item[0][1])
+                moved = key != tok.key_id(train[i].tonic, train[i].mode)  # the drawn shift moved the key
+                assert b["loss_mask"][0, 1].item() == (prior == "transposed" or not moved)
+                assert b["loss_mask"][0, 2:].all()  # METER, POS and every voice-step token stay targets
+                seen[prior].add(moved)
+    assert seen["original"] == {True, False}  # both cases were drawn
+    with pytest.raises(ValueError, match="key_prior"):
+        ChoraleDataModule(str(CORPUS), key_prior="orignal")
+
+
 def test_default_experiment_is_the_chorale_grid(tmp_path):
     """``armodal-train`` with no arguments (``make demo``) trains the corpus chorale grid, sized for 2 cores."""
     from tests.conftest import compose_cfg
