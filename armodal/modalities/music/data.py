@@ -33,7 +33,7 @@ from armodal.modalities.base import register_datamodule
 from armodal.modalities.music.chorales import Chorale, load_chorales
 from armodal.modalities.music.grid import NUM_VOICES, transpose_grid
 from armodal.modalities.music.midi_io import DEFAULT_MAX_BYTES, MIDI_SUFFIXES, BadMidiError, read_midi
-from armodal.modalities.music.tokenizer import ChoraleTokenizer, JSBTokenizer, MidiTokenizer
+from armodal.modalities.music.tokenizer import HEADER_LEN, ChoraleTokenizer, JSBTokenizer, MidiTokenizer
 from armodal.utils.cache import atomic_write, content_key, is_complete, mark_complete, writable_dir
 from armodal.utils.safety import UnsafeTargetError, load_npz_arrays
 from armodal.training.resume import ResumableLoader
@@ -594,8 +594,10 @@ class ChoraleDataModule(JSBDataModule):
         self.tokenizer = ChoraleTokenizer(hold_types=hold_types, meters=tuple(meters))
 
     def untarget_when_transposed(self) -> tuple[int, ...]:
-        """The KEY token (right after BOS) of a transposed piece, unless transposed keys are targets."""
-        return (1,) if self.key_prior == "original" else ()
+        """The KEY token (the header's first, right after BOS) of a transposed piece, unless transposed keys
+        are targets."""
+        key_pos = self.tokenizer.prefix_len(True) - HEADER_LEN
+        return (key_pos,) if self.key_prior == "original" else ()
 
     @property
     def max_seq_len(self) -> int:
