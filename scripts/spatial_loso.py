@@ -48,7 +48,13 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _candidates(grid: dict) -> list[list[str]]:
+def _candidates(grid: dict | list) -> list[list[str]]:
+    """The candidates of a grid: a mapping config key -> values (every combination), or an explicit list of
+    candidates, each a list of overrides (``[]``: the defaults), for options that go together."""
+    if isinstance(grid, list):
+        if not all(isinstance(c, list) for c in grid):
+            raise ValueError(f"grid: an explicit list of candidates must hold lists of overrides, got {grid!r}")
+        return [[str(o) for o in c] for c in grid] or [[]]
     keys = list(grid)
     if not keys:
         return [[]]
@@ -64,8 +70,10 @@ def _fmt(v) -> str:
 class Runner:
     """Runs train + eval pairs, records them in the manifest, skips those already done (resume)."""
 
-    def __init__(self, out: Path, plan: dict, dry_run: bool, collect_only: bool = False) -> None:
+    def __init__(self, out: Path, plan: dict, dry_run: bool, collect_only: bool = False, reuse: list | None = None) -> None:
         self.out, self.plan, self.dry_run, self.collect_only = out, plan, dry_run, collect_only
+        # earlier invocations whose finished runs count as this one's when their commands are the same
+        self.reuse = [(Path(r).resolve(), json.loads((Path(r) / "manifest.json").read_text())) for r in reuse or []]
         self.manifest_path = out / "manifest.json"
         self.manifest = json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else {"runs": {}}
         self.log = out / "log.txt"
@@ -87,6 +95,31 @@ class Runner:
         if r.returncode:
             sys.exit(f"command failed ({r.returncode}); see {self.log}")
 
+    def _reused(self, key: str, train: list[str], ev: list[str]) -> dict | None:
+        """The metrics of run ``key`` of a ``--reuse`` invocation whose train and eval commands are this run's
+        (up to the invocation folder), recorded in this manifest with where they came from; else None."""
+        for folder, man in self.reuse:
+            rec = man["runs"].get(key)
+            if not rec or not Path(rec["metrics"]).is_file():
+                continue
+            same = [rec[k].replace(str(folder), str(self.out)) for k in ("train", "eval")] == [shlex.join(train), shlex.join(ev)]
+            if not same:
+                continue
+            print(f"  {key}: reused from {folder}", flush=True)
+            if not self.dry_run:
+                self.manifest["runs"][key] = {**rec, "reused_from": str(folder)}
+                self._save()
+            return json.loads(Path(rec["metrics"]).read_text())
+        return None
+
+    def reused_select(self, key: str, candidates: list) -> dict | None:
+        """The image-pipeline selection ``key`` of a ``--reuse`` invocation with the same candidates."""
+        for folder, man in self.reuse:
+            sel = man.get("select", {}).get(key)
+            if sel and sel["candidates"] == candidates:
+                return {**sel, "reused_from": str(folder)}
+        return None
+
     def run(self, key: str, sections: list[str], test: str, seed: int, overrides: list[str], num_samples: int,
             eval_overrides: list[str]) -> dict | None:
         rec = self.manifest["runs"].get(key)
@@ -102,6 +135,9 @@ class Runner:
                  f"seed={seed}", f"modality.data.seed={seed}", *self.plan["train"], *overrides]
         ev = [str(BIN / "armodal-eval"), f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", f"out={metrics}",
               f"num_samples={num_samples}", *eval_overrides]
+        old = self._reused(key, train, ev)
+        if old is not None:
+            return old
         t0 = time.time()
         self._call(train)
         self._call(ev)
@@ -188,7 +224,12 @@ def nested(runner: Runner, plan: dict, folds: list[str], variants: list[str], se
         ssl = f"modality.data.features.ssl_sections=[{','.join(train_secs)}]"
         key = f"{fold}/select"
         if plan.get("select") and key not in runner.manifest.setdefault("select", {}):
-            if runner.dry_run or runner.collect_only:
+            old = runner.reused_select(key, _candidates(plan["select"]))
+            if old is not None:
+                runner.manifest["select"][key] = old
+                if not runner.dry_run:
+                    runner._save()
+            elif runner.dry_run or runner.collect_only:
                 runner.manifest["select"][key] = {"candidates": _candidates(plan["select"]), "inner_pcc": [],
                                                   "selected": _candidates(plan["select"])[0]}
             else:
@@ -201,20 +242,22 @@ def nested(runner: Runner, plan: dict, folds: list[str], variants: list[str], se
         for name in variants:
             var = plan["variants"][name]
             cands = _candidates(var.get("grid") or {})
-            scores = []
+            scores, inner_metrics = [], []
             for ci, cand in enumerate(cands):
-                inner = []
+                inner, inner_metrics_c = [], []
                 for v in train_secs[: plan.get("inner_splits", len(train_secs))] if len(cands) > 1 else []:
                     m = runner.run(f"{fold}/{name}/inner_c{ci}_{v}", train_secs, v, plan["inner_seed"],
                                    [*plan.get("data", []), *sel["selected"], *var["fixed"], *cand, ssl,
                                     "modality.data.ssl_test_image=true"],
                                    plan["inner_num_samples"], plan["inner_eval"])
                     inner.append(None if m is None else m["ar_pcc_mean"])
+                    inner_metrics_c.append(None if m is None else {k: m[k] for k in INNER_KEYS if k in m})
+                inner_metrics.append(inner_metrics_c)
                 scores.append(sum(inner) / len(inner) if inner and None not in inner else float("nan"))
             best = 0 if len(cands) == 1 else max(range(len(cands)), key=lambda i: (scores[i] if scores[i] == scores[i] else -1, -i))
             chosen[fold, name] = [*plan.get("data", []), *sel["selected"], *var["fixed"], *cands[best], ssl]
             result["folds"].setdefault(fold, {})[name] = {"candidates": cands, "inner_pcc": scores,
-                                                          "selected": cands[best], "runs": []}
+                                                          "selected": cands[best], "inner_metrics": inner_metrics, "runs": []}
     for seed in seeds:
         for fold in folds:
             for name in variants:
@@ -225,6 +268,35 @@ def nested(runner: Runner, plan: dict, folds: list[str], variants: list[str], se
 
 
 # ----------------------------------------------------------------------------- table
+INNER_KEYS = ("ar_pcc_mean", "ridge_pcc_mean", "ar_coverage90", "ar_moran_ratio", "ar_stain_drop_low",
+              "ar_stain_drop_medium", "ar_stain_drop_high", "ridge_stain_drop_medium")  # kept per inner run in loso.json
+
+
+def inner_table(result: dict, variants: list[str]) -> str:
+    """Every grid candidate's inner validation: mean over the inner splits of AR PCC, ridge PCC and the stain
+    drops the plan's inner_eval measured (n/a where it left them out)."""
+    out = ("Inner validation per candidate (mean over the inner splits; the outer fold is never read):\n\n"
+           "| variant | fold | candidate | inner AR PCC | ridge PCC | AR stain drop low / medium / high "
+           "| ridge stain drop medium | coverage 90 % |\n"
+           "|---|---|---|---|---|---|---|---|\n")
+    for v in variants:
+        for f, r in result["folds"].items():
+            if len(r[v]["candidates"]) < 2:
+                continue
+            for cand, ms in zip(r[v]["candidates"], r[v].get("inner_metrics", [])):
+                ms = [m for m in ms if m is not None]
+
+                def c(k, d=3, ms=ms):
+                    vals = [m[k] for m in ms if k in m]
+                    return f"{sum(vals) / len(vals):.{d}f}" if vals and len(vals) == len(ms) else "n/a"
+
+                drops = " / ".join(c(f"ar_stain_drop_{s}") for s in ("low", "medium", "high"))
+                sel = " (selected)" if cand == r[v]["selected"] else ""
+                out += (f"| {v} | {f} | {' '.join(cand) or '(defaults)'}{sel} | {c('ar_pcc_mean')} | {c('ridge_pcc_mean')} "
+                        f"| {drops} | {c('ridge_stain_drop_medium')} | {c('ar_coverage90')} |\n")
+    return out + "\n"
+
+
 def _ms(vals: list[float], digits: int = 3) -> str:
     vals = [v for v in vals if v is not None and v == v]
     if not vals:
@@ -373,6 +445,9 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=None)
     ap.add_argument("--resume", default=None, help="continue the invocation in this folder")
     ap.add_argument("--collect", default=None, help="only rebuild the table of the invocation in this folder")
+    ap.add_argument("--reuse", nargs="+", default=[], help="earlier invocation folders: their finished runs whose "
+                    "train and eval commands are the same (up to the folder) count as this one's, and so does their "
+                    "image-pipeline selection with the same candidates")
     ap.add_argument("--dry-run", action="store_true", help="print the commands without running them")
     args = ap.parse_args()
     plan = yaml.safe_load(Path(args.plan).read_text())
@@ -381,10 +456,12 @@ def main() -> None:
         out = Path(folder).resolve()
         saved = json.loads((out / "invocation.json").read_text())
         plan, folds, variants, seeds = saved["plan"], saved["folds"], saved["variants"], saved["seeds"]
+        reuse = saved.get("reuse", [])
     else:
         folds = args.folds or plan["sections"]
         variants = args.variants or list(plan["variants"])
         seeds = args.seeds if args.seeds is not None else plan["seeds"]
+        reuse = [str(Path(r).resolve()) for r in args.reuse]
         unknown = [f for f in folds if f not in plan["sections"]] + [v for v in variants if v not in plan["variants"]]
         if unknown:
             sys.exit(f"unknown fold(s) / variant(s) {unknown}; the plan has sections {plan['sections']} and "
@@ -393,13 +470,21 @@ def main() -> None:
         if not args.dry_run:
             out.mkdir(parents=True, exist_ok=False)
             (out / "invocation.json").write_text(json.dumps(
-                {"argv": sys.argv, "plan": plan, "folds": folds, "variants": variants, "seeds": seeds}, indent=2))
-    runner = Runner(out, plan, args.dry_run, collect_only=bool(args.collect))
+                {"argv": sys.argv, "plan": plan, "folds": folds, "variants": variants, "seeds": seeds, "reuse": reuse},
+                indent=2))
+    runner = Runner(out, plan, args.dry_run, collect_only=bool(args.collect), reuse=reuse)
     result = nested(runner, plan, folds, variants, seeds)
     if args.dry_run:
         return
     (out / "loso.json").write_text(json.dumps(result, indent=2, default=str))
-    md = table(result, variants)
+    grids = any(len(r[v]["candidates"]) > 1 for r in result["folds"].values() for v in variants)
+    if not seeds:  # a plan of inner validation only (e.g. measuring options on the training sections)
+        md = inner_table(result, variants)
+        (out / "loso.md").write_text(md)
+        print(md)
+        print(f"written: {out / 'loso.md'}, {out / 'loso.json'} (no outer runs: no rows.json)")
+        return
+    md = table(result, variants) + (inner_table(result, variants) if grids else "")
     (out / "loso.md").write_text(md)
     rows = out.parent / "rows.json"  # the tag's latest complete invocation, for scripts/reproduce.py
     rows.write_text(json.dumps(summary_rows(result, variants, out.name), indent=2))

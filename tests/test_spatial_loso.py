@@ -156,3 +156,69 @@ def test_session4_plans_add_only_their_grid_to_the_reduced_plan(name, grids):
     assert plan["inner_splits"] == 1 and set(plan["variants"]) == set(grids)
     for v, grid in grids.items():
         assert plan["variants"][v]["fixed"] == red["variants"][v]["fixed"] and plan["variants"][v]["grid"] == grid
+
+
+def test_explicit_candidates_and_an_inner_only_plan(tmp_path):
+    mod = _script()
+    calls = []
+
+    class Fake(mod.Runner):
+        def run(self, key, sections, test, seed, overrides, num_samples, eval_overrides):
+            calls.append((key, test, tuple(overrides)))
+            m = _metrics(test, 0.2 if "p=1" in overrides else 0.1)
+            m["ar_stain_drop_medium"] = 0.3 if "q=1" in overrides else 0.05
+            return m
+
+    plan = dict(PLAN, seeds=[], inner_splits=1, variants={"s": {"fixed": [], "grid": [[], ["p=1"], ["p=1", "q=1"]]}})
+    assert mod._candidates(plan["variants"]["s"]["grid"]) == [[], ["p=1"], ["p=1", "q=1"]]
+    with pytest.raises(ValueError, match="lists of overrides"):
+        mod._candidates(["p=1"])
+    res = mod.nested(Fake(tmp_path, plan, dry_run=False), plan, ["A"], ["s"], [])
+    assert [c[0] for c in calls] == ["A/s/inner_c0_B", "A/s/inner_c1_B", "A/s/inner_c2_B"]  # no outer run
+    assert ("p=1", "q=1") == calls[2][2][-4:-2]  # both overrides of a candidate go together
+    md = mod.inner_table(res, ["s"])
+    assert "| s | A | p=1 (selected) | 0.200 | 0.100 | 0.050 / 0.050 / 0.050 |" in md
+    assert "| s | A | p=1 q=1 | 0.200 | 0.100 | 0.050 / 0.300 / 0.050 |" in md
+
+
+def test_reuse_takes_only_runs_with_the_same_commands(tmp_path):
+    mod = _script()
+    plan = dict(PLAN, seeds=[0], variants={"w": {"fixed": ["a=1"], "grid": {}}, "v": {"fixed": ["a=2"], "grid": {}}})
+    old = tmp_path / "old"
+    dry = mod.Runner(old, plan, dry_run=True)
+    cmds = {}
+    dry._call = lambda cmd: cmds.setdefault(cmd[0].rsplit("/", 1)[-1], []).append(mod.shlex.join(cmd))
+    dry.run("A/w/seed0", ["A", "B"], "A", 0, ["a=1"], 8, [])  # the command an earlier invocation ran
+    metrics = old / "A" / "w" / "seed0" / "eval" / "metrics.json"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text(json.dumps(_metrics("A", 0.42)))
+    man = {"runs": {k: {"train": cmds["armodal-train"][0], "eval": cmds["armodal-eval"][0], "metrics": str(metrics)}
+                    for k in ("A/w/seed0", "A/v/seed0")}}  # v's recorded command differs from what v runs now
+    (old / "manifest.json").write_text(json.dumps(man))
+    new = tmp_path / "new"
+    new.mkdir()
+    ran = []
+    r = mod.Runner(new, plan, dry_run=False, reuse=[old])
+    r._call = lambda cmd: ran.append(cmd[0].rsplit("/", 1)[-1])
+    assert r.run("A/w/seed0", ["A", "B"], "A", 0, ["a=1"], 8, [])["ar_pcc_mean"] == 0.42 and not ran
+    assert json.loads((new / "manifest.json").read_text())["runs"]["A/w/seed0"]["reused_from"] == str(old.resolve())
+    with pytest.raises(SystemExit, match="wrote no"):  # not reused: it is run (and here writes nothing)
+        r.run("A/v/seed0", ["A", "B"], "A", 0, ["a=2"], 8, [])
+    assert ran == ["armodal-train", "armodal-eval"]
+
+
+def test_session5_plans_are_the_steps_plan_with_their_change():
+    import yaml
+
+    steps = yaml.safe_load((ROOT / "scripts" / "spatial_loso_steps.yaml").read_text())
+    seeds = yaml.safe_load((ROOT / "scripts" / "spatial_loso_seeds.yaml").read_text())
+    enc = yaml.safe_load((ROOT / "scripts" / "spatial_loso_encoder.yaml").read_text())
+    for k in ("sections", "select", "data", "inner_seed", "inner_splits", "num_samples", "train", "eval"):
+        assert seeds[k] == steps[k] and enc[k] == steps[k], k
+    assert seeds["seeds"] == [0, 1, 2] and enc["seeds"] == []
+    for v in ("spot", "raster"):  # 300 steps fixed, appended where the steps plan's grid value went: same commands
+        assert seeds["variants"][v] == {"fixed": [*steps["variants"][v]["fixed"], "trainer.max_steps=300"], "grid": {}}
+    assert seeds["variants"]["hilbert"]["fixed"] == ["modality.data.sequence=window", "modality.data.order=hilbert",
+                                                      "trainer.max_steps=300"]
+    assert enc["variants"]["spot"]["fixed"] == seeds["variants"]["spot"]["fixed"]
+    assert enc["variants"]["spot"]["grid"][0] == [] and enc["inner_eval"][-1] == "evaluator.robustness=[medium]"
