@@ -369,40 +369,58 @@ def table(result: dict, variants: list[str]) -> str:
 
 
 def targets_table(result: dict, variants: list[str]) -> str:
-    """The issue's columns in one table: AR PCC per variant, ridge, the stain-robustness drop at medium, the
-    median Moran's I ratio (predicted / measured, mean-of-K map; ridge last) and the 90 % coverage, per fold."""
+    """The issue's columns in one table: AR PCC per variant, ridge, the best variant's ratio to ridge, the
+    stain-robustness drop at medium, the median Moran's I ratio (predicted / measured, mean-of-K map; ridge last)
+    and the 90 % coverage, per fold; the mean row over the folds.  With the same n > 1 seeds on every fold, each
+    cell is mean ± sd over the seeds (the mean row: of the per-seed means over the folds)."""
     folds = list(result["folds"])
 
-    def cell(f, v, key, digits=3):
-        return _ms([m.get(key) for m in result["folds"][f][v]["runs"]], digits)
+    def runs(f, v):
+        return result["folds"][f][v]["runs"]
 
-    def mean_cell(v, key, digits=3):
-        per = []
-        for f in folds:
-            vals = [m.get(key) for m in result["folds"][f][v]["runs"] if m.get(key) is not None]
-            per.append(sum(vals) / len(vals) if vals else float("nan"))
-        return f"{sum(per) / len(per):.{digits}f}" if all(x == x for x in per) else "n/a"
+    def per_seed(v, key):
+        """[seed] -> value: a fold's runs, or the mean over the folds of each seed's runs (None: not aligned)."""
+        n = {len(runs(f, v)) for f in folds}
+        if len(n) != 1 or any(m.get(key) is None for f in folds for m in runs(f, v)):
+            return None
+        return [sum(runs(f, v)[i][key] for f in folds) / len(folds) for i in range(n.pop())]
+
+    def cell(f, v, key, digits=3):
+        if f is None:  # the mean row
+            vals = per_seed(v, key)
+            if vals is not None:
+                return _ms(vals, digits)
+            per = [[m.get(key) for m in runs(g, v) if m.get(key) is not None] for g in folds]
+            return f"{sum(sum(x) / len(x) for x in per) / len(per):.{digits}f}" if all(per) else "n/a"
+        return _ms([m.get(key) for m in runs(f, v)], digits)
+
+    def ratio(f):
+        """The best variant's (by mean AR PCC) AR / ridge, per seed -> mean ± sd."""
+        fs = folds if f is None else [f]
+
+        def mean_over(v, key):
+            vals = [m[key] for g in fs for m in runs(g, v)]
+            return sum(vals) / len(vals)
+
+        best = max(variants, key=lambda v: mean_over(v, "ar_pcc_mean"))
+        ar, ridge = (per_seed(best, "ar_pcc_mean"), per_seed(best, "ridge_pcc_mean")) if f is None else (
+            [m["ar_pcc_mean"] for m in runs(f, best)], [m["ridge_pcc_mean"] for m in runs(f, best)])
+        if ar is None:  # seeds not aligned over the folds: ratio of the means
+            return f"{mean_over(best, 'ar_pcc_mean') / mean_over(best, 'ridge_pcc_mean'):.2f}"
+        return _ms([a / r for a, r in zip(ar, ridge)], 2)
 
     vs = "/".join(variants)
-    out = (f"Targets table (per fold: mean ± sd over the seeds, or the single seed; variants in the order {vs}):\n\n"
+    out = (f"Targets table (per fold: mean ± sd over the seeds, or the single seed; mean row: over the folds, ± sd over "
+           f"the seeds; variants in the order {vs}):\n\n"
            "| held-out | " + " | ".join(f"{v} AR PCC" for v in variants) + " | ridge PCC | best AR / ridge "
            f"| stain drop at medium ({vs}) | Moran's I ratio ({vs} / ridge) | coverage 90 % ({vs}) |\n"
            "|" + "---|" * (len(variants) + 6) + "\n")
-    rows = [(f, lambda v, k, d=3, f=f: cell(f, v, k, d)) for f in folds] + [("**mean**", lambda v, k, d=3: mean_cell(v, k, d))]
-    for name, c in rows:
-        if name == "**mean**":
-            pcc = {v: float(mean_cell(v, "ar_pcc_mean", 4)) for v in variants}
-            ridge = float(mean_cell(variants[0], "ridge_pcc_mean", 4))
-        else:
-            pcc = {v: sum(m["ar_pcc_mean"] for m in result["folds"][name][v]["runs"]) / len(result["folds"][name][v]["runs"])
-                   for v in variants}
-            rr = [m["ridge_pcc_mean"] for v in variants for m in result["folds"][name][v]["runs"]]
-            ridge = sum(rr) / len(rr)
-        out += (f"| {name} | " + " | ".join(c(v, "ar_pcc_mean") for v in variants)
-                + f" | {c(variants[0], 'ridge_pcc_mean')} | {max(pcc.values()) / ridge:.2f} "
-                + f"| {' / '.join(c(v, 'ar_stain_drop_medium', 3) for v in variants)} "
-                + f"| {' / '.join(c(v, 'ar_moran_ratio', 2) for v in variants)} / {c(variants[0], 'ridge_moran_ratio', 2)} "
-                + f"| {' / '.join(c(v, 'ar_coverage90', 3) for v in variants)} |\n")
+    for name, f in [(f, f) for f in folds] + [("**mean**", None)]:
+        out += (f"| {name} | " + " | ".join(cell(f, v, "ar_pcc_mean") for v in variants)
+                + f" | {cell(f, variants[0], 'ridge_pcc_mean')} | {ratio(f)} "
+                + f"| {' / '.join(cell(f, v, 'ar_stain_drop_medium', 3) for v in variants)} "
+                + f"| {' / '.join(cell(f, v, 'ar_moran_ratio', 2) for v in variants)} / {cell(f, variants[0], 'ridge_moran_ratio', 2)} "
+                + f"| {' / '.join(cell(f, v, 'ar_coverage90', 3) for v in variants)} |\n")
     return out + "\n"
 
 
@@ -436,6 +454,35 @@ def summary_rows(result: dict, variants: list[str], invocation: str) -> list[dic
     return rows
 
 
+def combine(folders: list[str], out: Path) -> dict:
+    """One table from several finished invocations of the same plan, variants and seeds, with disjoint folds
+    (each collected from its own manifest, as --collect does)."""
+    result: dict = {"folds": {}, "select": {}}
+    first = None
+    for folder in folders:
+        inv = Path(folder).resolve()
+        saved = json.loads((inv / "invocation.json").read_text())
+        same = {k: saved[k] for k in ("plan", "variants", "seeds")}
+        if first is None:
+            first = same
+        elif same != first:
+            sys.exit(f"--combine: {inv} ran another plan, variants or seeds than {folders[0]}")
+        if set(saved["folds"]) & set(result["folds"]):
+            sys.exit(f"--combine: fold(s) {sorted(set(saved['folds']) & set(result['folds']))} of {inv} appear twice")
+        r = nested(Runner(inv, saved["plan"], False, collect_only=True), saved["plan"], saved["folds"], saved["variants"],
+                   saved["seeds"])
+        result["folds"].update(r["folds"])
+        result["select"].update(r["select"])
+    result["combined_from"] = [str(Path(f).resolve()) for f in folders]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "loso.json").write_text(json.dumps(result, indent=2, default=str))
+    md = table(result, first["variants"])
+    (out / "loso.md").write_text(md)
+    print(md)
+    print(f"written: {out / 'loso.md'}, {out / 'loso.json'}")
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plan", default=str(ROOT / "scripts" / "spatial_loso.yaml"))
@@ -448,8 +495,16 @@ def main() -> None:
     ap.add_argument("--reuse", nargs="+", default=[], help="earlier invocation folders: their finished runs whose "
                     "train and eval commands are the same (up to the folder) count as this one's, and so does their "
                     "image-pipeline selection with the same candidates")
+    ap.add_argument("--combine", nargs="+", default=None, help="finished invocation folders of one plan (e.g. one per "
+                    "fold): one table of all their folds, written to --out")
+    ap.add_argument("--out", default=None, help="with --combine: the folder for its loso.md / loso.json")
     ap.add_argument("--dry-run", action="store_true", help="print the commands without running them")
     args = ap.parse_args()
+    if args.combine:
+        if not args.out:
+            sys.exit("--combine needs --out FOLDER")
+        combine(args.combine, Path(args.out))
+        return
     plan = yaml.safe_load(Path(args.plan).read_text())
     folder = args.collect or args.resume
     if folder:

@@ -222,3 +222,29 @@ def test_session5_plans_are_the_steps_plan_with_their_change():
                                                       "trainer.max_steps=300"]
     assert enc["variants"]["spot"]["fixed"] == seeds["variants"]["spot"]["fixed"]
     assert enc["variants"]["spot"]["grid"][0] == [] and enc["inner_eval"][-1] == "evaluator.robustness=[medium]"
+
+
+def test_combine_per_fold_invocations_mean_and_sd_over_seeds(tmp_path, monkeypatch):
+    mod = _script()
+    plan = dict(PLAN, variants={"w": {"fixed": [], "grid": {}}}, seeds=[0, 1])
+    invs = []
+    for fold, base in (("A", 0.2), ("B", 0.4)):
+        inv = tmp_path / fold
+        runs = {}
+        for seed in (0, 1):
+            m = inv / fold / "w" / f"seed{seed}" / "eval" / "metrics.json"
+            m.parent.mkdir(parents=True)
+            m.write_text(json.dumps(_metrics(fold, base + 0.02 * seed, ridge=0.2)))
+            runs[f"{fold}/w/seed{seed}"] = {"metrics": str(m)}
+        (inv / "manifest.json").write_text(json.dumps({"runs": runs}))
+        (inv / "invocation.json").write_text(json.dumps({"plan": plan, "folds": [fold], "variants": ["w"], "seeds": [0, 1]}))
+        invs.append(str(inv))
+    monkeypatch.setattr(sys, "argv", ["spatial_loso.py", "--combine", *invs, "--out", str(tmp_path / "all")])
+    mod.main()
+    md = (tmp_path / "all" / "loso.md").read_text()
+    assert "| A | 0.210 ± 0.014 | 0.200 ± 0.000 | 1.05 ± 0.07 |" in md
+    # over the folds: per seed 0.30 and 0.32 -> 0.310 ± 0.014; ratio per seed 1.50, 1.60
+    assert "| **mean** | 0.310 ± 0.014 | 0.200 ± 0.000 | 1.55 ± 0.07 |" in md
+    (tmp_path / "A" / "invocation.json").write_text(json.dumps({"plan": plan, "folds": ["A"], "variants": ["w"], "seeds": [0]}))
+    with pytest.raises(SystemExit, match="another plan"):
+        mod.combine(invs, tmp_path / "x")
