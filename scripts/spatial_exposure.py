@@ -31,12 +31,12 @@ from armodal.generation import GenerationConfig, generate, seeded_generator
 from armodal.modalities.spatial.geometry import cover, spot_spacing
 from armodal.modalities.spatial.predict import pearson_per_gene, predict_expression, sequence_layout
 from armodal.modalities.spatial.sampler import _datamodule, section_features
-from armodal.modalities.spatial.window import window_layout, window_tokens
+from armodal.modalities.spatial.window import window_keys, window_layout, window_tokens
 
 
 @torch.no_grad()
 def teacher_forced_codes(model, feats: torch.Tensor, pos: np.ndarray, true_ids: torch.Tensor, num_samples: int,
-                         size: int, order: str, config: GenerationConfig) -> torch.Tensor:
+                         size: int, order: str, config: GenerationConfig, spot_key: str = "none") -> torch.Tensor:
     """[n, K, Q] ids: each spot sampled from its owner window with the measured ids of the spots before it."""
     tok, net, cond = model.tokenizer, model.net, model.conditioner
     net.eval()
@@ -46,8 +46,12 @@ def teacher_forced_codes(model, feats: torch.Tensor, pos: np.ndarray, true_ids: 
     lay = [window_layout(pos, w, order) for w in cov.windows]
     spots = np.stack([s for s, _ in lay])  # [W, n_w]
     offs = np.stack([o for _, o in lay])
-    prefix = cond({"feats": feats[torch.as_tensor(spots)].float(), "pos": torch.as_tensor(offs, dtype=torch.float32)})
-    ids_all, types_all = window_tokens(true_ids[torch.as_tensor(spots)], offs, tok)  # [W, n_w * (Q + 1)]
+    c = {"feats": feats[torch.as_tensor(spots)].float(), "pos": torch.as_tensor(offs, dtype=torch.float32)}
+    keys = window_keys(offs, tok, spot_key)
+    if keys is not None:
+        c["key"] = keys
+    prefix = cond(c)
+    ids_all, types_all = window_tokens(true_ids[torch.as_tensor(spots)], offs, tok, spot_key)  # [W, n_w * (Q + 1)]
     g = seeded_generator(config, model.device)
     out = torch.zeros((len(pos), num_samples, q), dtype=torch.long)
     filled = torch.zeros(len(pos), dtype=torch.long)
@@ -97,7 +101,7 @@ def main() -> None:
     out["generated_pcc"] = float(np.nanmean(pearson_per_gene(mean_gen, y)))
     t1 = time.time()
     codes = teacher_forced_codes(model, feats, xy / spot_spacing(xy), dm.codes[s].view(len(y), -1), args.num_samples,
-                                 int(layout["window_size"]), layout["order"], config)
+                                 int(layout["window_size"]), layout["order"], config, layout["spot_key"])
     n, k, q = codes.shape
     tf = tok.decode_codes((codes.reshape(-1, q) - 1).numpy(), noise=False).reshape(n, k, -1)
     out["teacher_forced_pcc"] = float(np.nanmean(pearson_per_gene(tf.mean(1), y)))

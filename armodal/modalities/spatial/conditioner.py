@@ -32,11 +32,17 @@ class SpatialConditioner(Conditioner):
     ``pixels=True`` learns from pixels end to end: ``feats`` are then the patches themselves,
     [B, N, 3, H, W] in 0..255 (after the slide's stain normalisation), and a small CNN trained
     with the AR loss turns each into a ``feat_dim`` vector.
+
+    ``n_keys > 0``: ``cond["key"]`` [B, N] (long, < n_keys) adds a learned key embedding to each
+    element -- how a window sequence's spot marker finds its own spot's H&E (``modality.data.spot_key``).
     """
 
     def __init__(self, d_model: int, feat_dim: int = 512, n_freqs: int = 8, max_offset: float = 4.0,
-                 feat_dropout: float = 0.1, feat_noise: float = 0.0, pixels: bool = False, pixel_width: int = 32) -> None:
+                 feat_dropout: float = 0.1, feat_noise: float = 0.0, pixels: bool = False, pixel_width: int = 32,
+                 n_keys: int = 0) -> None:
         super().__init__(d_model)
+        self.n_keys = int(n_keys)
+        self.key_emb = nn.Embedding(self.n_keys, d_model) if self.n_keys > 0 else None
         self.pixels = bool(pixels)
         if self.pixels:
             feat_dim = 4 * pixel_width
@@ -74,4 +80,15 @@ class SpatialConditioner(Conditioner):
             h = h * keep
         ang = pos.float()[..., None] * self.freqs  # [B, N, 2, n_freqs]
         four = torch.cat([ang.sin(), ang.cos()], -1).flatten(-2)  # [B, N, 4 * n_freqs]
-        return h + self.pos_mlp(four)
+        h = h + self.pos_mlp(four)
+        key = cond.get("key")
+        if key is not None:
+            if self.key_emb is None:
+                raise ValueError("the prefix carries spot keys (modality.data.spot_key=cell|slot) but the conditioner has "
+                                 "none: set modality.conditioner.n_keys to (2 * window_radius + 1)^2 (81 for radius 4)")
+            if key.shape != h.shape[:2] or int(key.min()) < 0 or int(key.max()) >= self.n_keys:
+                raise ValueError(f"spot keys must be [B, N] = {tuple(h.shape[:2])} ids in [0, {self.n_keys}), got shape "
+                                 f"{tuple(key.shape)}, range [{int(key.min())}, {int(key.max())}] "
+                                 "(modality.conditioner.n_keys too small for the window?)")
+            h = h + self.key_emb(key)
+        return h

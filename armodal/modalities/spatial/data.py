@@ -50,7 +50,7 @@ from armodal.modalities.spatial.io import (
 )
 from armodal.modalities.spatial.patches import extract_patches, patch_plan
 from armodal.modalities.spatial.tokenizer import BinnedExpressionTokenizer, ExpressionTokenizer, RVQExpressionTokenizer
-from armodal.modalities.spatial.window import D8, window_layout, window_tokens
+from armodal.modalities.spatial.window import D8, SPOT_KEYS, window_keys, window_layout, window_tokens
 from armodal.utils.cache import content_key
 from armodal.utils.safety import check_choice
 from armodal.training.resume import ResumableLoader
@@ -143,6 +143,7 @@ class SpatialDataModule(pl.LightningDataModule):
         cache_dir: str | None = None,
         seed: int = 0,
         neighbour_corruption: float = 0.0,
+        spot_key: str = "none",
         ssl_test_image: bool = False,
     ) -> None:
         super().__init__()
@@ -197,6 +198,12 @@ class SpatialDataModule(pl.LightningDataModule):
         if self.neighbour_corruption and sequence != "window":
             raise ValueError("modality.data.neighbour_corruption corrupts the earlier spots' codes of window sequences; "
                              f"sequence={sequence!r} has none (use 0)")
+        if spot_key not in SPOT_KEYS:
+            raise ValueError(f"modality.data.spot_key must be one of {SPOT_KEYS}, got {spot_key!r}")
+        if spot_key != "none" and sequence != "window":
+            raise ValueError(f"modality.data.spot_key={spot_key!r} keys the spots of window sequences; sequence={sequence!r} "
+                             "puts the centre spot's H&E last in its prefix already (use none)")
+        self.spot_key = spot_key
         self.neighbours = neighbours if self.tok_cfg["kind"] == "rvq" else 0
         self.val_fraction, self.batch_size, self.num_workers = val_fraction, batch_size, num_workers
         self.cache_dir, self.seed = cache_dir, seed
@@ -334,7 +341,7 @@ class SpatialDataModule(pl.LightningDataModule):
         return self._spot_batch(spots, train, generator)
 
     def _window_batch(self, items: list[tuple], train: bool, generator: torch.Generator | None, score: str) -> dict:
-        ids, types, feats, pos, mask = [], [], [], [], []
+        ids, types, feats, pos, mask, keys = [], [], [], [], [], []
         for s, j in items:
             if score == "owned":
                 cov = self.covers[s]
@@ -354,13 +361,18 @@ class SpatialDataModule(pl.LightningDataModule):
             codes, clean = self.codes[s][torch.as_tensor(sp)], np.ones(len(sp), bool)
             if train and self.neighbour_corruption:
                 codes, clean = self._corrupt(s, codes, generator)
-            i, t = window_tokens(codes[None], off[None], self.tokenizer)
+            i, t = window_tokens(codes[None], off[None], self.tokenizer, self.spot_key)
+            k = window_keys(off[None], self.tokenizer, self.spot_key)
+            if k is not None:
+                keys.append(k[0])
             ids.append(i[0])
             types.append(t[0])
             m = torch.as_tensor(np.repeat(scored(sp) & clean, self.tokenizer.tokens_per_spot + 1))
             mask.append(m & (i[0] != self.tokenizer.marker_id))
-        return {"ids": torch.stack(ids), "types": torch.stack(types), "loss_mask": torch.stack(mask),
-                "cond": {"feats": torch.stack(feats).float(), "pos": torch.stack(pos)}}
+        cond = {"feats": torch.stack(feats).float(), "pos": torch.stack(pos)}
+        if keys:
+            cond["key"] = torch.stack(keys)
+        return {"ids": torch.stack(ids), "types": torch.stack(types), "loss_mask": torch.stack(mask), "cond": cond}
 
     def _corrupt(self, s: str, codes: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, np.ndarray]:
         """Training windows with noisy neighbours: each spot but the last (which is no spot's context), with

@@ -137,7 +137,7 @@ class SpatialEvaluator:
                      100 * out[f"ar_stain_drop_{strength}"], ridge_p, time.time() - t1)
         if self.robustness:
             out["robustness_seed"] = self.robustness_seed
-        out["sequence"] = {"sequence": dm.sequence, "order": dm.order, "window_size": dm.window_size}
+        out["sequence"] = {"sequence": dm.sequence, "order": dm.order, "window_size": dm.window_size, "spot_key": dm.spot_key}
         out["histogene_pcc_mean"] = HISTOGENE_PCC.get(s)  # HisToGene's public code run on these folds (see predict.py)
         out["reg2st_pcc_mean"] = REG2ST_PCC.get(s)  # published, trained on 31 sections
         if self.write_outputs:

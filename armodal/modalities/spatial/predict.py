@@ -35,7 +35,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_LAYOUT_DEFAULTS = {"sequence": "spot", "window_size": 16, "order": "raster", "neighbours": 6}
+_LAYOUT_DEFAULTS = {"sequence": "spot", "window_size": 16, "order": "raster", "neighbours": 6, "spot_key": "none"}
 
 # Peers on the her2st sections C2-C5 (mean Pearson r over the 785-gene panel) -- the one place these numbers live.
 # HisToGene: NOT published numbers; measured for this project by running HisToGene's public code on these
@@ -165,7 +165,7 @@ def predict_expression(
         g = seeded_generator(config, model.device)
         codes, info = sample_windows(model.net, model.conditioner, tokenizer, feats, xy / spot_spacing(xy), num_samples,
                                      size=int(layout["window_size"]), order=layout["order"],
-                                     generate_fn=_engine(model, config, g))
+                                     generate_fn=_engine(model, config, g), spot_key=layout.get("spot_key", "none"))
         n, k, q = codes.shape
         flat = (codes.reshape(-1, q) - 1).numpy()  # level-offset codes
         rng = np.random.default_rng(config.seed)

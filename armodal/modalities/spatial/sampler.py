@@ -90,7 +90,8 @@ def predict_section(model, dm: SpatialDataModule, section: str, num_samples: int
     tok = model.tokenizer
     if list(tok.genes) != list(dm.genes):
         raise SpatialDataError(f"the model's {len(tok.genes)}-gene panel differs from the data's {len(dm.genes)}-gene panel")
-    layout = {"sequence": dm.sequence, "window_size": dm.window_size, "order": dm.order, "neighbours": dm.neighbours}
+    layout = {"sequence": dm.sequence, "window_size": dm.window_size, "order": dm.order, "neighbours": dm.neighbours,
+              "spot_key": dm.spot_key}
     feats = section_features(model, dm, section) if feats is None else feats
     noisy, mean, info = predict_expression(model, feats, np.asarray(dm.adatas[section].obsm["spatial"]), num_samples,
                                            layout, config, noise=noise)

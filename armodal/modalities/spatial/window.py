@@ -9,6 +9,13 @@ raster or Hilbert) in a frame centred on the centre spot.  Its sequence is
 * tokens -- per spot, a *marker* token whose type id is the spot's 2D cell around the
   centre, then the spot's ``Q`` expression codes, typed by level.
 
+``spot_key`` (``modality.data.spot_key``) says how the marker finds its own spot's H&E in the
+prefix.  ``none``: only through the prefix's 2D offset embedding (the model must learn to match
+a cell type to a Fourier offset).  ``cell``: the prefix element also gets a learned embedding of
+the same cell id as the marker's type.  ``slot``: the marker's type is the spot's index in the
+window order and its prefix element gets a learned embedding of that index (a fixed, small set of
+keys, the same for every window and orientation).  The keys are ``cond["key"]`` [B, n].
+
 So spot i's codes are predicted from all the H&E of the window and from the codes of
 spots 1..i-1 (teacher forcing in training); the marker tells the model which spot comes
 next, and carries no loss.  The transformer sees positions and spot identity only
@@ -29,7 +36,9 @@ import torch
 
 from armodal.modalities.spatial.geometry import cell_index, cover, spatial_order
 
-__all__ = ["D8", "window_layout", "window_tokens", "window_codes", "sample_windows"]
+__all__ = ["D8", "SPOT_KEYS", "window_keys", "window_layout", "window_tokens", "window_codes", "sample_windows"]
+
+SPOT_KEYS = ("none", "cell", "slot")
 
 D8 = np.array(  # the 8 symmetries of the square as 2x2 matrices (index 0: identity)
     [[[1, 0], [0, 1]], [[0, -1], [1, 0]], [[-1, 0], [0, -1]], [[0, 1], [-1, 0]],
@@ -49,13 +58,36 @@ def window_layout(pos: np.ndarray, window: np.ndarray, order: str, d8: int = 0) 
     return window[o], off[o]
 
 
-def window_tokens(spot_ids: torch.Tensor, offsets: torch.Tensor | np.ndarray, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+def window_keys(offsets: torch.Tensor | np.ndarray, tokenizer, spot_key: str = "none") -> torch.Tensor | None:
+    """Offsets [B, n, 2] of windows in sequence order -> the spots' keys [B, n] (long), or None for ``none``.
+
+    ``cell``: each spot's cell around the centre (the marker's type); ``slot``: its index in the order."""
+    if spot_key not in SPOT_KEYS:
+        raise ValueError(f"modality.data.spot_key must be one of {SPOT_KEYS}, got {spot_key!r}")
+    off = np.asarray(offsets)
+    if spot_key == "none":
+        return None
+    if spot_key == "slot":
+        if off.shape[1] > tokenizer.n_cells:
+            raise ValueError(f"spot_key=slot types a window's {off.shape[1]} spots by their index, but the type stream "
+                             f"has {tokenizer.n_cells} marker types (window_radius={tokenizer.window_radius}): "
+                             "raise modality.data.window_radius or use fewer spots per window")
+        return torch.arange(off.shape[1]).expand(off.shape[0], off.shape[1])
+    return torch.as_tensor(cell_index(off, tokenizer.window_radius))
+
+
+def window_tokens(spot_ids: torch.Tensor, offsets: torch.Tensor | np.ndarray, tokenizer,
+                  spot_key: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
     """Spot ids [B, n, Q] (level-offset ids, no pads) and offsets [B, n, 2] -> (ids, types), each [B, n * (Q + 1)].
 
-    Per spot: the marker (type = its cell around the centre), then its Q ids (type = n_cells + level).
+    Per spot: the marker (type = its cell around the centre; with ``spot_key='slot'`` its index in the
+    window order), then its Q ids (type = n_cells + level).
     """
     b, n, q = spot_ids.shape
-    cells = torch.as_tensor(cell_index(np.asarray(offsets), tokenizer.window_radius), device=spot_ids.device)  # [B, n]
+    if spot_key == "slot":
+        cells = window_keys(offsets, tokenizer, spot_key).to(spot_ids.device)
+    else:
+        cells = torch.as_tensor(cell_index(np.asarray(offsets), tokenizer.window_radius), device=spot_ids.device)  # [B, n]
     marker = torch.full((b, n, 1), tokenizer.marker_id, dtype=spot_ids.dtype, device=spot_ids.device)
     ids = torch.cat([marker, spot_ids], -1).reshape(b, n * (q + 1))
     level_types = tokenizer.n_cells + torch.arange(q, device=spot_ids.device).expand(b, n, q)
@@ -84,6 +116,7 @@ def sample_windows(
     order: str,
     generate_fn,
     windows_per_batch: int | None = None,
+    spot_key: str = "none",
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """K sampled spot ids of every spot -> ([N, K, Q], info).
 
@@ -108,9 +141,12 @@ def sample_windows(
         spots = np.stack([s for s, _ in lay])  # [b, n_w]
         offs = np.stack([o for _, o in lay])  # [b, n_w, 2]
         cond = {"feats": feats[torch.as_tensor(spots)].to(dev).float(), "pos": torch.as_tensor(offs, dtype=torch.float32, device=dev)}
+        keys = window_keys(offs, tokenizer, spot_key)
+        if keys is not None:
+            cond["key"] = keys.to(dev)
         prefix = conditioner(cond)  # [b, n_w, D]
         dummy = torch.zeros(spots.shape + (q,), dtype=torch.long, device=dev)
-        _, types = window_tokens(dummy, offs, tokenizer)  # [b, T]
+        _, types = window_tokens(dummy, offs, tokenizer, spot_key)  # [b, T]
         types = types.repeat_interleave(num_samples, 0)  # rows of one window are adjacent
         ids = generate_fn(prefix, types.shape[1], lambda seq: types[:, : seq.shape[1]], num_samples)  # [b*K, T]
         codes = window_codes(ids.to("cpu"), q).reshape(len(rows), num_samples, spots.shape[1], q)
