@@ -398,9 +398,8 @@ def targets_table(result: dict, variants: list[str]) -> str:
         """The best variant's (by mean AR PCC) AR / ridge, per seed -> mean ± sd."""
         fs = folds if f is None else [f]
 
-        def mean_over(v, key):
-            vals = [m[key] for g in fs for m in runs(g, v)]
-            return sum(vals) / len(vals)
+        def mean_over(v, key):  # the mean over the folds of each fold's mean over its seeds
+            return sum(sum(m[key] for m in runs(g, v)) / len(runs(g, v)) for g in fs) / len(fs)
 
         best = max(variants, key=lambda v: mean_over(v, "ar_pcc_mean"))
         ar, ridge = (per_seed(best, "ar_pcc_mean"), per_seed(best, "ridge_pcc_mean")) if f is None else (
@@ -455,18 +454,19 @@ def summary_rows(result: dict, variants: list[str], invocation: str) -> list[dic
 
 
 def combine(folders: list[str], out: Path) -> dict:
-    """One table from several finished invocations of the same plan, variants and seeds, with disjoint folds
-    (each collected from its own manifest, as --collect does)."""
+    """One table from several finished invocations of the same plan and variants, with disjoint folds (each
+    collected from its own manifest, as --collect does); with other seeds on some fold the mean row is the mean of
+    the fold means, without an sd."""
     result: dict = {"folds": {}, "select": {}}
     first = None
     for folder in folders:
         inv = Path(folder).resolve()
         saved = json.loads((inv / "invocation.json").read_text())
-        same = {k: saved[k] for k in ("plan", "variants", "seeds")}
+        same = {k: saved[k] for k in ("plan", "variants")}  # seeds may differ (a fold cut by the budget)
         if first is None:
             first = same
         elif same != first:
-            sys.exit(f"--combine: {inv} ran another plan, variants or seeds than {folders[0]}")
+            sys.exit(f"--combine: {inv} ran another plan or variants than {folders[0]}")
         if set(saved["folds"]) & set(result["folds"]):
             sys.exit(f"--combine: fold(s) {sorted(set(saved['folds']) & set(result['folds']))} of {inv} appear twice")
         r = nested(Runner(inv, saved["plan"], False, collect_only=True), saved["plan"], saved["folds"], saved["variants"],

@@ -245,6 +245,12 @@ def test_combine_per_fold_invocations_mean_and_sd_over_seeds(tmp_path, monkeypat
     assert "| A | 0.210 ± 0.014 | 0.200 ± 0.000 | 1.05 ± 0.07 |" in md
     # over the folds: per seed 0.30 and 0.32 -> 0.310 ± 0.014; ratio per seed 1.50, 1.60
     assert "| **mean** | 0.310 ± 0.014 | 0.200 ± 0.000 | 1.55 ± 0.07 |" in md
-    (tmp_path / "A" / "invocation.json").write_text(json.dumps({"plan": plan, "folds": ["A"], "variants": ["w"], "seeds": [0]}))
+    # a fold cut to one seed: its cell is that seed, the mean row the mean of the fold means (no sd)
+    (tmp_path / "B" / "invocation.json").write_text(json.dumps({"plan": plan, "folds": ["B"], "variants": ["w"], "seeds": [0]}))
+    mod.combine(invs, tmp_path / "y")
+    md = (tmp_path / "y" / "loso.md").read_text()
+    assert "| B | 0.400 | 0.200 | 2.00 |" in md and "| **mean** | 0.305 | 0.200 | 1.53 |" in md
+    other = dict(plan, eval=["x=1"])
+    (tmp_path / "A" / "invocation.json").write_text(json.dumps({"plan": other, "folds": ["A"], "variants": ["w"], "seeds": [0, 1]}))
     with pytest.raises(SystemExit, match="another plan"):
         mod.combine(invs, tmp_path / "x")
