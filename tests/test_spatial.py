@@ -378,7 +378,8 @@ def test_tiny_end_to_end_cpu(tmp_path, monkeypatch, variant):
         if variant == "pixels":
             data += ["modality.data.inputs=pixels", "modality.conditioner.pixels=true", "modality.conditioner.pixel_width=8"]
     else:
-        data += ["modality.data.sequence=spot", "modality.data.features.ssl_epochs=1", "++modality.data.features.ssl_batch=16"]
+        data += ["modality.data.sequence=spot", "modality.data.spot_key=none", "modality.conditioner.n_keys=0",
+                 "modality.data.features.ssl_epochs=1", "++modality.data.features.ssl_batch=16"]
     train(_compose("train", ["experiment=spatial_her2st", *data, f"run_dir={run}", "model.d_model=32", "model.n_layer=2",
                              "model.n_head=2", "trainer.max_steps=4", "trainer.val_check_interval=2", "logger=csv"]))
     ckpt = run / "checkpoints" / "last.ckpt"

@@ -65,10 +65,16 @@ def test_conditioner_adds_one_learned_embedding_per_key():
     torch.manual_seed(0)
     c = SpatialConditioner(16, feat_dim=F, feat_dropout=0.0, n_keys=5).eval()
     feats, pos = torch.randn(2, 4, F), torch.randn(2, 4, 2)
-    base = c({"feats": feats, "pos": pos})
+    zero = torch.zeros(2, 4, dtype=torch.long)
+    base = c({"feats": feats, "pos": pos, "key": zero})
     key = torch.tensor([[0, 1, 2, 3], [4, 4, 0, 1]])
     keyed = c({"feats": feats, "pos": pos, "key": key})
-    torch.testing.assert_close(keyed - base, c.key_emb.weight[key])
+    torch.testing.assert_close(keyed - base, c.key_emb.weight[key] - c.key_emb.weight[zero])
+    plain = SpatialConditioner(16, feat_dim=F, feat_dropout=0.0).eval()
+    plain.load_state_dict({k: v for k, v in c.state_dict().items() if not k.startswith("key_emb")})
+    torch.testing.assert_close(keyed, plain({"feats": feats, "pos": pos}) + c.key_emb.weight[key])
+    with pytest.raises(ValueError, match="no spot keys.*n_keys=0"):  # a key table the data never feeds
+        c({"feats": feats, "pos": pos})
     with pytest.raises(ValueError, match="n_keys"):
         c({"feats": feats, "pos": pos, "key": key + 1})  # 5 is out of range
     with pytest.raises(ValueError, match="n_keys"):

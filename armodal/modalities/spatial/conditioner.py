@@ -82,6 +82,9 @@ class SpatialConditioner(Conditioner):
         four = torch.cat([ang.sin(), ang.cos()], -1).flatten(-2)  # [B, N, 4 * n_freqs]
         h = h + self.pos_mlp(four)
         key = cond.get("key")
+        if key is None and self.key_emb is not None:
+            raise ValueError(f"modality.conditioner.n_keys={self.n_keys} but the data gives no spot keys "
+                             "(modality.data.spot_key=none, or sequence=spot): set modality.conditioner.n_keys=0")
         if key is not None:
             if self.key_emb is None:
                 raise ValueError("the prefix carries spot keys (modality.data.spot_key=cell|slot) but the conditioner has "

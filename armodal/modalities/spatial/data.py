@@ -202,7 +202,8 @@ class SpatialDataModule(pl.LightningDataModule):
             raise ValueError(f"modality.data.spot_key must be one of {SPOT_KEYS}, got {spot_key!r}")
         if spot_key != "none" and sequence != "window":
             raise ValueError(f"modality.data.spot_key={spot_key!r} keys the spots of window sequences; sequence={sequence!r} "
-                             "puts the centre spot's H&E last in its prefix already (use none)")
+                             "puts the centre spot's H&E last in its prefix already: add modality.data.spot_key=none "
+                             "modality.conditioner.n_keys=0")
         self.spot_key = spot_key
         self.neighbours = neighbours if self.tok_cfg["kind"] == "rvq" else 0
         self.val_fraction, self.batch_size, self.num_workers = val_fraction, batch_size, num_workers
