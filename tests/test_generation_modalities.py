@@ -83,7 +83,7 @@ def _decoder(model, modality: str):
         def decode(config):
             codes, _ = sample_windows(model.net, model.conditioner, model.tokenizer, feats, xy / spot_spacing(xy), 1,
                                       size=int(layout["window_size"]), order=layout["order"],
-                                      generate_fn=_engine(model, config, None))
+                                      generate_fn=_engine(model, config, None), spot_key=layout["spot_key"])
             return codes[:, 0]
 
         return decode
