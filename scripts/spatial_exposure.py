@@ -31,7 +31,7 @@ from armodal.generation import GenerationConfig, generate, seeded_generator
 from armodal.modalities.spatial.geometry import cover, spot_spacing
 from armodal.modalities.spatial.predict import pearson_per_gene, predict_expression, sequence_layout
 from armodal.modalities.spatial.sampler import _datamodule, section_features
-from armodal.modalities.spatial.window import window_keys, window_layout, window_tokens
+from armodal.modalities.spatial.window import window_cond, window_layout, window_tokens
 
 
 @torch.no_grad()
@@ -46,11 +46,7 @@ def teacher_forced_codes(model, feats: torch.Tensor, pos: np.ndarray, true_ids: 
     lay = [window_layout(pos, w, order) for w in cov.windows]
     spots = np.stack([s for s, _ in lay])  # [W, n_w]
     offs = np.stack([o for _, o in lay])
-    c = {"feats": feats[torch.as_tensor(spots)].float(), "pos": torch.as_tensor(offs, dtype=torch.float32)}
-    keys = window_keys(offs, tok, spot_key)
-    if keys is not None:
-        c["key"] = keys
-    prefix = cond(c)
+    prefix = cond(window_cond(feats[torch.as_tensor(spots)].float(), offs, tok, spot_key))
     ids_all, types_all = window_tokens(true_ids[torch.as_tensor(spots)], offs, tok, spot_key)  # [W, n_w * (Q + 1)]
     g = seeded_generator(config, model.device)
     out = torch.zeros((len(pos), num_samples, q), dtype=torch.long)

@@ -50,7 +50,7 @@ from armodal.modalities.spatial.io import (
 )
 from armodal.modalities.spatial.patches import extract_patches, patch_plan
 from armodal.modalities.spatial.tokenizer import BinnedExpressionTokenizer, ExpressionTokenizer, RVQExpressionTokenizer
-from armodal.modalities.spatial.window import D8, SPOT_KEYS, window_keys, window_layout, window_tokens
+from armodal.modalities.spatial.window import D8, SPOT_KEYS, window_cond, window_layout, window_tokens
 from armodal.utils.cache import content_key
 from armodal.utils.safety import check_choice
 from armodal.training.resume import ResumableLoader
@@ -342,7 +342,7 @@ class SpatialDataModule(pl.LightningDataModule):
         return self._spot_batch(spots, train, generator)
 
     def _window_batch(self, items: list[tuple], train: bool, generator: torch.Generator | None, score: str) -> dict:
-        ids, types, feats, pos, mask, keys = [], [], [], [], [], []
+        ids, types, feats, offs, mask = [], [], [], [], []
         for s, j in items:
             if score == "owned":
                 cov = self.covers[s]
@@ -358,21 +358,16 @@ class SpatialDataModule(pl.LightningDataModule):
                 feats.append(self.feats[s][views, torch.as_tensor(sp)])
             else:
                 feats.append(self.feats[s][0, torch.as_tensor(sp)])
-            pos.append(torch.as_tensor(off, dtype=torch.float32))
+            offs.append(off)
             codes, clean = self.codes[s][torch.as_tensor(sp)], np.ones(len(sp), bool)
             if train and self.neighbour_corruption:
                 codes, clean = self._corrupt(s, codes, generator)
             i, t = window_tokens(codes[None], off[None], self.tokenizer, self.spot_key)
-            k = window_keys(off[None], self.tokenizer, self.spot_key)
-            if k is not None:
-                keys.append(k[0])
             ids.append(i[0])
             types.append(t[0])
             m = torch.as_tensor(np.repeat(scored(sp) & clean, self.tokenizer.tokens_per_spot + 1))
             mask.append(m & (i[0] != self.tokenizer.marker_id))
-        cond = {"feats": torch.stack(feats).float(), "pos": torch.stack(pos)}
-        if keys:
-            cond["key"] = torch.stack(keys)
+        cond = window_cond(torch.stack(feats).float(), np.stack(offs), self.tokenizer, self.spot_key)
         return {"ids": torch.stack(ids), "types": torch.stack(types), "loss_mask": torch.stack(mask), "cond": cond}
 
     def _corrupt(self, s: str, codes: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, np.ndarray]:

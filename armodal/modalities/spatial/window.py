@@ -36,7 +36,7 @@ import torch
 
 from armodal.modalities.spatial.geometry import cell_index, cover, spatial_order
 
-__all__ = ["D8", "SPOT_KEYS", "window_keys", "window_layout", "window_tokens", "window_codes", "sample_windows"]
+__all__ = ["D8", "SPOT_KEYS", "window_cond", "window_keys", "window_layout", "window_tokens", "window_codes", "sample_windows"]
 
 SPOT_KEYS = ("none", "cell", "slot")
 
@@ -76,6 +76,16 @@ def window_keys(offsets: torch.Tensor | np.ndarray, tokenizer, spot_key: str = "
     return torch.as_tensor(cell_index(off, tokenizer.window_radius))
 
 
+def window_cond(feats: torch.Tensor, offsets: np.ndarray, tokenizer, spot_key: str = "none") -> dict:
+    """The conditioner's input for windows: feats [B, n, F] and offsets [B, n, 2] (spacing units, sequence order)
+    -> {"feats", "pos" (float32, on feats' device), "key" (with ``spot_key`` cell|slot)}."""
+    cond = {"feats": feats, "pos": torch.as_tensor(np.asarray(offsets), dtype=torch.float32, device=feats.device)}
+    keys = window_keys(offsets, tokenizer, spot_key)
+    if keys is not None:
+        cond["key"] = keys.to(feats.device)
+    return cond
+
+
 def window_tokens(spot_ids: torch.Tensor, offsets: torch.Tensor | np.ndarray, tokenizer,
                   spot_key: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
     """Spot ids [B, n, Q] (level-offset ids, no pads) and offsets [B, n, 2] -> (ids, types), each [B, n * (Q + 1)].
@@ -84,10 +94,7 @@ def window_tokens(spot_ids: torch.Tensor, offsets: torch.Tensor | np.ndarray, to
     window order), then its Q ids (type = n_cells + level).
     """
     b, n, q = spot_ids.shape
-    if spot_key == "slot":
-        cells = window_keys(offsets, tokenizer, spot_key).to(spot_ids.device)
-    else:
-        cells = torch.as_tensor(cell_index(np.asarray(offsets), tokenizer.window_radius), device=spot_ids.device)  # [B, n]
+    cells = window_keys(offsets, tokenizer, "slot" if spot_key == "slot" else "cell").to(spot_ids.device)  # [B, n]
     marker = torch.full((b, n, 1), tokenizer.marker_id, dtype=spot_ids.dtype, device=spot_ids.device)
     ids = torch.cat([marker, spot_ids], -1).reshape(b, n * (q + 1))
     level_types = tokenizer.n_cells + torch.arange(q, device=spot_ids.device).expand(b, n, q)
@@ -140,11 +147,7 @@ def sample_windows(
         lay = [window_layout(pos, cov.windows[w], order) for w in rows]
         spots = np.stack([s for s, _ in lay])  # [b, n_w]
         offs = np.stack([o for _, o in lay])  # [b, n_w, 2]
-        cond = {"feats": feats[torch.as_tensor(spots)].to(dev).float(), "pos": torch.as_tensor(offs, dtype=torch.float32, device=dev)}
-        keys = window_keys(offs, tokenizer, spot_key)
-        if keys is not None:
-            cond["key"] = keys.to(dev)
-        prefix = conditioner(cond)  # [b, n_w, D]
+        prefix = conditioner(window_cond(feats[torch.as_tensor(spots)].to(dev).float(), offs, tokenizer, spot_key))  # [b, n_w, D]
         dummy = torch.zeros(spots.shape + (q,), dtype=torch.long, device=dev)
         _, types = window_tokens(dummy, offs, tokenizer, spot_key)  # [b, T]
         types = types.repeat_interleave(num_samples, 0)  # rows of one window are adjacent
