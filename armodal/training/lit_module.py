@@ -11,7 +11,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
-from armodal.training.loss import batch_nll
+from armodal.training.loss import batch_losses, batch_nll
 from armodal.training.resume import rng_states, set_rng_states
 
 __all__ = ["ARLitModule"]
@@ -23,6 +23,13 @@ class ARLitModule(pl.LightningModule):
     ``net`` is the shared :class:`~armodal.models.Transformer`; ``conditioner`` the
     modality's optional prefix encoder; ``optimizer`` / ``scheduler`` are partials
     (``_partial_: true``) taking named parameters / the optimizer.
+
+    ``unlikelihood_weight`` > 0 adds ``weight * sum(-log(1 - p(avoid set)))`` over the target tokens to
+    the training loss (divided by the number of target tokens, like the NLL): unlikelihood training
+    (Welleck et al. 2019) on the sets of wrong continuations the training batches carry as ``avoid``
+    [B, T, V] (a data-module option, e.g. ``modality.data.avoid`` for the chorale grid).  A
+    batch with ``avoid`` sets and weight 0, or weight > 0 and no sets, is an error: the setting would
+    be silently dropped.  Validation and test report the plain NLL.
     """
 
     def __init__(
@@ -34,8 +41,13 @@ class ARLitModule(pl.LightningModule):
         scheduler: Callable | None = None,
         ema_decay: float | None = None,
         compile: bool = False,
+        unlikelihood_weight: float = 0.0,
     ) -> None:
         super().__init__()
+        if not (isinstance(unlikelihood_weight, (int, float)) and math.isfinite(unlikelihood_weight)
+                and unlikelihood_weight >= 0):
+            raise ValueError(f"module.unlikelihood_weight={unlikelihood_weight!r}: expected a number >= 0")
+        self.unlikelihood_weight = float(unlikelihood_weight)
         self.net = net
         self.conditioner = conditioner
         self.tokenizer = tokenizer
@@ -72,9 +84,24 @@ class ARLitModule(pl.LightningModule):
 
     # -- steps ------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        s, n = self.forward_nll(batch)
-        loss = s / n.clamp_min(1)
+        has_avoid = batch.get("avoid") is not None
+        if has_avoid != (self.unlikelihood_weight > 0):
+            raise ValueError(
+                "module.unlikelihood_weight > 0 needs training batches with avoid sets (a data option such as "
+                "modality.data.avoid=[parallels])" if not has_avoid else
+                "the training batches carry avoid sets (e.g. modality.data.avoid=[parallels]) but "
+                "module.unlikelihood_weight is 0: set it > 0, or turn the data option off")
         bs = batch["ids"].shape[0]
+        if has_avoid:
+            net = self._train_forward if self._train_forward is not None else self.net
+            s, n, ul = batch_losses(net, self.conditioner, batch, self.pad_id, unlikelihood=True)
+            nll = s / n.clamp_min(1)
+            loss = nll + self.unlikelihood_weight * ul / n.clamp_min(1)
+            self.log("train/nll", nll, batch_size=bs)
+            self.log("train/unlikelihood", ul / n.clamp_min(1), batch_size=bs)
+        else:
+            s, n = self.forward_nll(batch)
+            loss = s / n.clamp_min(1)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/tokens", n, reduce_fx="sum", batch_size=bs)
         return loss

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["token_logits_and_targets", "next_token_nll", "batch_nll", "dataset_nll", "to_device"]
+__all__ = ["token_logits_and_targets", "next_token_nll", "unlikelihood_sum", "batch_nll", "batch_losses", "dataset_nll",
+           "to_device"]
 
 
 def token_logits_and_targets(
@@ -37,15 +38,45 @@ def next_token_nll(
     return (nll * mask).sum(), mask.sum()
 
 
-def batch_nll(net: nn.Module, conditioner: nn.Module | None, batch: dict, pad_id: int | None):
-    """(sum NLL in nats, number of target tokens) for one batch dict."""
+def unlikelihood_sum(
+    logits: torch.Tensor, ids: torch.Tensor, avoid: torch.Tensor, prefix_len: int = 0,
+    loss_mask: torch.Tensor | None = None, pad_id: int | None = None,
+) -> torch.Tensor:
+    """Unlikelihood term (Welleck et al. 2019), summed over target tokens: ``-log(1 - p(avoid set))``.
+
+    ``avoid`` [B, T, V] bool is aligned with ``ids`` like ``loss_mask``: ``avoid[b, t]`` are the tokens
+    the data marks as wrong continuations *in place of* token ``t`` (the data never marks the target
+    itself).  Positions with an empty set or outside the loss mask add nothing.
+    """
+    lg, tgt, mask = token_logits_and_targets(logits, ids, prefix_len, loss_mask, pad_id)
+    av = avoid if prefix_len > 0 else avoid[:, 1:]
+    sel = mask & av.any(-1)
+    if not bool(sel.any()):
+        return lg.new_zeros((), dtype=torch.float32)
+    logp = lg[sel].float().log_softmax(-1)  # [N, V]
+    log_bad = torch.logsumexp(logp.masked_fill(~av[sel], float("-inf")), -1)  # [N] log p(avoid set)
+    return -torch.log1p(-log_bad.exp().clamp(max=1.0 - 1e-6)).sum()
+
+
+def batch_losses(net: nn.Module, conditioner: nn.Module | None, batch: dict, pad_id: int | None,
+                 unlikelihood: bool = False):
+    """(sum NLL in nats, number of target tokens, unlikelihood sum or None) for one batch dict; the
+    unlikelihood term needs the batch's ``avoid`` sets."""
     ids = batch["ids"]
     prefix = None
     if conditioner is not None and batch.get("cond") is not None:
         prefix = conditioner(batch["cond"])
     logits = net(ids, prefix=prefix, types=batch.get("types"))
     p = 0 if prefix is None else prefix.shape[1]
-    return next_token_nll(logits, ids, p, batch.get("loss_mask"), pad_id)
+    s, n = next_token_nll(logits, ids, p, batch.get("loss_mask"), pad_id)
+    ul = unlikelihood_sum(logits, ids, batch["avoid"], p, batch.get("loss_mask"), pad_id) if unlikelihood else None
+    return s, n, ul
+
+
+def batch_nll(net: nn.Module, conditioner: nn.Module | None, batch: dict, pad_id: int | None):
+    """(sum NLL in nats, number of target tokens) for one batch dict."""
+    s, n, _ = batch_losses(net, conditioner, batch, pad_id)
+    return s, n
 
 
 def to_device(batch, device):

@@ -30,6 +30,7 @@ from symusic import Note, Score, Track
 from torch.utils.data import DataLoader, Dataset
 
 from armodal.modalities.base import register_datamodule
+from armodal.modalities.music.avoid import AVOID_RULES, avoid_sets
 from armodal.modalities.music.chorales import Chorale, load_chorales
 from armodal.modalities.music.grid import NUM_VOICES, transpose_grid
 from armodal.modalities.music.midi_io import DEFAULT_MAX_BYTES, MIDI_SUFFIXES, BadMidiError, read_midi
@@ -483,7 +484,11 @@ class JSBDataModule(pl.LightningDataModule):
     generic ``val/nll`` is the note-wise NLL of the benchmark.
 
     Batches: ``ids`` [B, T], ``types`` [B, T] (voice), ``loss_mask`` [B, T]
-    (True on the scored voice-step tokens only; never BOS, EOS or PAD).
+    (True on the scored voice-step tokens only; never BOS, EOS or PAD).  With ``avoid`` rules
+    (``[parallels]``, ``[parallels, crossings]``) the training batches also carry ``avoid`` [B, T, V]:
+    for each voice-step target, the pitches that would make a parallel fifth or octave with a voice
+    above it, or cross the voice just above (:mod:`~armodal.modalities.music.avoid`), for the
+    LightningModule's unlikelihood term (``module.unlikelihood_weight`` > 0).
     """
 
     def __init__(
@@ -498,8 +503,13 @@ class JSBDataModule(pl.LightningDataModule):
         hold_types: int = 0,
         num_workers: int = 0,
         eval_batch_size: int | None = None,
+        avoid: tuple[str, ...] | list[str] = (),
     ) -> None:
         super().__init__()
+        if isinstance(avoid, str) or any(r not in AVOID_RULES for r in avoid) or len(set(avoid)) != len(avoid):
+            raise ValueError(f"modality.data.avoid={avoid!r}: expected a list of distinct rules from {AVOID_RULES} "
+                             "(or [] for none)")
+        self.avoid = tuple(avoid)
         if window_steps % 4 or stride_steps % 4 or not 0 < stride_steps <= window_steps:
             raise ValueError("window_steps and stride_steps must be multiples of 4 with 0 < stride <= window")
         self.path, self.batch_size, self.window_steps, self.stride_steps = path, batch_size, window_steps, stride_steps
@@ -518,8 +528,9 @@ class JSBDataModule(pl.LightningDataModule):
             self.splits = load_jsb(self.path)
             log.info("JSB chorales: %s pieces", {k: len(v) for k, v in self.splits.items()})
 
-    def collate(self, items: list[tuple]) -> dict[str, torch.Tensor]:
-        """Items are ``(ids, leading non-target tokens)`` or ``(ids, skip, positions that are no target)``."""
+    def collate(self, items: list[tuple], avoid: bool = False) -> dict[str, torch.Tensor]:
+        """Items are ``(ids, leading non-target tokens)`` or ``(ids, skip, positions that are no target)``;
+        ``avoid`` adds the avoid sets of the ``avoid`` rules (training batches)."""
         t = max(len(item[0]) for item in items)
         ids = torch.full((len(items), t), self.tokenizer.pad_id, dtype=torch.long)  # [B, T]
         loss_mask = torch.zeros(len(items), t, dtype=torch.bool)  # [B, T]
@@ -529,12 +540,18 @@ class JSBDataModule(pl.LightningDataModule):
             for pos in untarget[0] if untarget else ():
                 loss_mask[i, pos] = False
         loss_mask &= ids >= self.tokenizer.rest_id  # voice-step tokens only
-        return {"ids": ids, "types": self.tokenizer.types(ids), "loss_mask": loss_mask}
+        batch = {"ids": ids, "types": self.tokenizer.types(ids), "loss_mask": loss_mask}
+        if avoid and self.avoid:
+            batch["avoid"] = avoid_sets(self.tokenizer, ids, self.avoid)
+        return batch
+
+    def _train_collate(self, items: list[tuple]) -> dict[str, torch.Tensor]:
+        return self.collate(items, avoid=True)
 
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         loader = ResumableLoader if shuffle else DataLoader  # training: resumes mid-epoch exactly
-        return loader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
-                      num_workers=self.num_workers)
+        return loader(ds, batch_size=batch_size, shuffle=shuffle,
+                      collate_fn=self._train_collate if shuffle else self.collate, num_workers=self.num_workers)
 
     def untarget_when_transposed(self) -> tuple[int, ...]:
         """Positions of a piece's first window that are no target once the piece is transposed (none here)."""

@@ -393,6 +393,17 @@ class JSBTokenizer(Tokenizer):
         parts = ([self.bos_id] if bos else []) + body.tolist() + ([self.eos_id] if eos else [])
         return torch.tensor(parts, dtype=torch.long)
 
+    def body_start(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B] index of the first voice-step token of each row (after BOS, when there is one)."""
+        return (ids[:, 0] == self.bos_id).long() if ids.shape[1] else torch.zeros(
+            ids.shape[0], dtype=torch.long, device=ids.device)
+
+    def id_pitch(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids -> float MIDI pitch of each pitch id, NaN for every other id (rests, specials)."""
+        rel = ids - self.num_specials
+        ok = (rel >= 0) & (rel <= self.high - self.low)
+        return torch.where(ok, (rel + self.low).double(), torch.full(ids.shape, float("nan"), dtype=torch.float64, device=ids.device))
+
     def _piece_ids(self, ids: torch.Tensor) -> list[int]:
         """ids -> list without the leading BOS, without PAD, up to the first EOS."""
         ids = torch.as_tensor(ids).reshape(-1).tolist()
@@ -579,6 +590,17 @@ class ChoraleTokenizer(JSBTokenizer):
             raise ValueError(f"a bar of {bar_len} 16ths ({_meter_name(bar_len)}) is not a meter this tokenizer "
                              f"holds ({', '.join(_meter_name(m) for m in self.meters)})")
         return self.meter0 + self.meters.index(int(bar_len))
+
+    def body_start(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B] index of the first voice-step token (after ``[BOS] KEY METER POS``)."""
+        return self._body_start(ids)
+
+    def id_pitch(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids -> float MIDI pitch of each pitch id (a fermata pitch too), NaN for every other id."""
+        plain = super().id_pitch(ids)
+        rel = ids - self.fermata0
+        ferm = (rel >= 0) & (rel <= self.high - self.low)
+        return torch.where(ferm, (rel + self.low).double(), plain)
 
     def _body_start(self, ids: torch.Tensor) -> torch.Tensor:
         """[B] index of the first voice-step token (after ``[BOS] KEY METER POS``)."""

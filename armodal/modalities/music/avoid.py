@@ -1,0 +1,101 @@
+"""Avoid sets for unlikelihood training on the four-voice grid: the pitches that would make a parallel
+fifth or octave (rule ``parallels``), or cross the voice written just above (rule ``crossings``), given
+the voices already written at this step.
+
+The grid serialises each 16th step as ``S A T B``, so when voice ``v`` is predicted the voices above it
+at this step (``u < v``) are known.  Voice ``v`` writing pitch ``c`` at step ``s`` makes a parallel
+perfect interval with ``u`` when, from step ``s - 1`` (the sonority sounding just before; no voice
+changes between two sonorities, so that is the previous sonority) to step ``s``:
+
+* ``u`` and ``v`` stood a perfect fifth or an octave / unison apart (compound intervals included,
+  the interval from ``v`` up to ``u`` taken mod 12 as in :func:`analysis.parallels`),
+* both move (``c != prev_v``, ``cur_u != prev_u``) in the same direction, and
+* ``cur_u - c`` is the same perfect interval mod 12.
+
+That is exactly the pair rule :func:`armodal.modalities.music.analysis.parallels` counts (tested
+against it).  ``crossings``: voice ``v`` writing a pitch above the pitch voice ``v - 1`` sounds at this
+step, the rule :func:`armodal.modalities.music.analysis.crossings` counts.  Each pair ``u < v`` is decided at the lower voice's token, so the four voices' six pairs
+are all covered.  The true continuation is never in its own avoid set: where Bach writes a parallel,
+the data teaches it (unlikelihood training, Welleck et al. 2019, penalises only the *other* parallel
+moves).  Computed from the (transposed) training window itself, so augmentation needs nothing extra.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from armodal.modalities.music.grid import NUM_VOICES
+
+__all__ = ["AVOID_RULES", "parallel_avoid", "avoid_sets"]
+
+PERFECT = (0, 7)  # octave / unison and fifth, mod 12
+AVOID_RULES = ("parallels", "crossings")
+
+
+def _row_crossings(grid: np.ndarray, low: int, high: int) -> np.ndarray:
+    """grid [S, 4] -> bool [S, 4, P]: pitches above the voice written just above, at every step."""
+    pitches = np.arange(low, high + 1, dtype=np.float64)
+    out = np.zeros((len(grid), NUM_VOICES, len(pitches)), dtype=bool)
+    for v in range(1, NUM_VOICES):
+        above = grid[:, v - 1]
+        out[:, v] = ~np.isnan(above)[:, None] & (pitches[None, :] > np.nan_to_num(above, nan=np.inf)[:, None])
+        true = grid[:, v]
+        hit = ~np.isnan(true)
+        out[np.flatnonzero(hit), v, (true[hit] - low).astype(np.int64)] = False  # never the true continuation
+    return out
+
+
+def _row_avoid(grid: np.ndarray, low: int, high: int) -> np.ndarray:
+    """grid [S, 4] (NaN = rest or unknown) -> bool [S, 4, P]: pitches (low..high) voice v must not write at
+    step s because they make a parallel fifth / octave with a voice above."""
+    steps = len(grid)
+    pitches = np.arange(low, high + 1, dtype=np.float64)  # [P]
+    out = np.zeros((steps, NUM_VOICES, len(pitches)), dtype=bool)
+    if steps < 2:
+        return out
+    prev, cur = grid[:-1], grid[1:]  # [S-1, 4]
+    for v in range(1, NUM_VOICES):
+        moved_c = pitches[None, :] - prev[:, v, None]  # [S-1, P] motion of v to candidate c
+        for u in range(v):
+            interval = (prev[:, u] - prev[:, v]) % 12  # NaN where a voice rests
+            motion_u = cur[:, u] - prev[:, u]
+            ok = np.isin(interval, PERFECT) & (motion_u != 0) & ~np.isnan(motion_u)  # [S-1]
+            same_dir = (moved_c != 0) & (np.sign(moved_c) == np.sign(motion_u)[:, None])
+            same_int = ((cur[:, u, None] - pitches[None, :]) % 12) == interval[:, None]
+            out[1:, v] |= ok[:, None] & same_dir & same_int
+        true = cur[:, v]
+        hit = ~np.isnan(true)
+        idx = np.flatnonzero(hit)
+        out[1 + idx, v, (true[hit] - low).astype(np.int64)] = False  # never the true continuation
+    return out
+
+
+def parallel_avoid(tok, ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] ids of the JSB / chorale grid -> bool [B, T, V]: for each voice-step token, the pitch ids
+    that would make a parallel fifth or octave with a voice above it (see the module docstring)."""
+    return avoid_sets(tok, ids, ("parallels",))
+
+
+def avoid_sets(tok, ids: torch.Tensor, rules) -> torch.Tensor:
+    """[B, T] ids of the JSB / chorale grid -> bool [B, T, V]: the union of the avoid sets of ``rules``
+    (names in :data:`AVOID_RULES`) for each voice-step token."""
+    bad = [r for r in rules if r not in AVOID_RULES]
+    if bad or not rules:
+        raise ValueError(f"avoid rules {list(rules)}: expected a non-empty list of {AVOID_RULES}")
+    row_fns = [{"parallels": _row_avoid, "crossings": _row_crossings}[r] for r in rules]
+    b, t = ids.shape
+    out = torch.zeros(b, t, tok.vocab_size, dtype=torch.bool)
+    starts = tok.body_start(ids).tolist()
+    pitch = tok.id_pitch(ids).numpy()  # [B, T] float, NaN for non-pitch ids
+    n_p = tok.high - tok.low + 1
+    for i in range(b):
+        body = pitch[i, starts[i]:]
+        steps = len(body) // NUM_VOICES
+        if steps < 2:
+            continue
+        grid = body[: steps * NUM_VOICES].reshape(steps, NUM_VOICES)
+        av = np.logical_or.reduce([fn(grid, tok.low, tok.high) for fn in row_fns])  # [S, 4, P]
+        block = torch.from_numpy(av.reshape(steps * NUM_VOICES, n_p))
+        out[i, starts[i] : starts[i] + steps * NUM_VOICES, tok.num_specials : tok.num_specials + n_p] = block
+    return out
