@@ -104,6 +104,8 @@ def test_unlikelihood_sum_is_minus_log_one_minus_the_avoided_mass():
     avoid[0, 2, [1, 4]] = True  # target position 2 is predicted by logits[:, 1]
     avoid[1, 4, 0] = True
     got = unlikelihood_sum(logits, ids, avoid)
+    two = unlikelihood_sum(logits, ids, torch.stack([avoid, avoid]), weights=torch.tensor([2.0, 0.5]))
+    assert two.item() == pytest.approx(2.5 * got.item(), rel=1e-5)
     p = logits.softmax(-1)
     want = -math.log(1 - (p[0, 1, 1] + p[0, 1, 4]).item()) - math.log(1 - p[1, 3, 0].item())
     assert got.item() == pytest.approx(want, rel=1e-5)
@@ -121,14 +123,14 @@ def test_unlikelihood_lowers_the_avoided_mass_and_refusals():
 
     dm = ChoraleDataModule(CORPUS, batch_size=8, window_steps=32, stride_steps=16, avoid=["parallels"])
     batch = next(iter(dm.train_dataloader()))
-    assert batch["avoid"].any()
+    assert batch["avoid"].shape[0] == 1 and batch["avoid"].any() and batch["avoid_weight"].tolist() == [1.0]
     val = next(iter(dm.val_dataloader()))
     assert "avoid" not in val  # validation reports the plain NLL
 
     def bad_mass(module):
         with torch.no_grad():
             logits = module.net(batch["ids"], types=batch["types"])[:, :-1].float().softmax(-1)
-        av = batch["avoid"][:, 1:]
+        av = batch["avoid"][0][:, 1:]
         return float((logits * av).sum(-1)[av.any(-1)].mean())
 
     masses = {}
@@ -155,6 +157,14 @@ def test_unlikelihood_lowers_the_avoided_mass_and_refusals():
         mod.training_step({k: v for k, v in batch.items() if k != "avoid"}, 0)
     with pytest.raises(ValueError, match="unlikelihood_weight"):
         ARLitModule(net, unlikelihood_weight=-1.0)
-    for bad in ("parallels", ["parallel"], ["parallels", "parallels"]):
+    for bad in ("parallels", ["parallel"], ["parallels", "parallels"], {"parallels": -1}, {"crossings": "x"}, {"paralels": 1}):
         with pytest.raises(ValueError, match="modality.data.avoid"):
             JSBDataModule("unused", avoid=bad)
+    dm2 = ChoraleDataModule(CORPUS, batch_size=8, window_steps=32, stride_steps=16,
+                            avoid={"parallels": 5.0, "crossings": 1.0})
+    b2 = dm2.collate([dm2.train_dataloader().dataset[i] for i in range(4)], avoid=True)
+    assert b2["avoid"].shape[0] == 2 and b2["avoid_weight"].tolist() == [5.0, 1.0]
+    off = ChoraleDataModule(CORPUS, batch_size=8, window_steps=32, stride_steps=16,
+                            avoid={"parallels": 0, "crossings": 0})  # the config's default: every rule off
+    assert "avoid" not in off.collate([off.train_dataloader().dataset[0]], avoid=True)
+    assert torch.equal(b2["avoid"][1], avoid_sets(dm2.tokenizer, b2["ids"], ("crossings",)))

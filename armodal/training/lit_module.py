@@ -27,7 +27,8 @@ class ARLitModule(pl.LightningModule):
     ``unlikelihood_weight`` > 0 adds ``weight * sum(-log(1 - p(avoid set)))`` over the target tokens to
     the training loss (divided by the number of target tokens, like the NLL): unlikelihood training
     (Welleck et al. 2019) on the sets of wrong continuations the training batches carry as ``avoid``
-    [B, T, V] (a data-module option, e.g. ``modality.data.avoid`` for the chorale grid).  A
+    [B, T, V], or [R, B, T, V] with relative weights ``avoid_weight`` [R] (a data-module option, e.g.
+    ``modality.data.avoid`` for the chorale grid).  A
     batch with ``avoid`` sets and weight 0, or weight > 0 and no sets, is an error: the setting would
     be silently dropped.  Validation and test report the plain NLL.
     """
@@ -88,8 +89,8 @@ class ARLitModule(pl.LightningModule):
         if has_avoid != (self.unlikelihood_weight > 0):
             raise ValueError(
                 "module.unlikelihood_weight > 0 needs training batches with avoid sets (a data option such as "
-                "modality.data.avoid=[parallels])" if not has_avoid else
-                "the training batches carry avoid sets (e.g. modality.data.avoid=[parallels]) but "
+                "modality.data.avoid.parallels=1)" if not has_avoid else
+                "the training batches carry avoid sets (e.g. modality.data.avoid.parallels=1) but "
                 "module.unlikelihood_weight is 0: set it > 0, or turn the data option off")
         bs = batch["ids"].shape[0]
         if has_avoid:

@@ -40,14 +40,19 @@ def next_token_nll(
 
 def unlikelihood_sum(
     logits: torch.Tensor, ids: torch.Tensor, avoid: torch.Tensor, prefix_len: int = 0,
-    loss_mask: torch.Tensor | None = None, pad_id: int | None = None,
+    loss_mask: torch.Tensor | None = None, pad_id: int | None = None, weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Unlikelihood term (Welleck et al. 2019), summed over target tokens: ``-log(1 - p(avoid set))``.
 
     ``avoid`` [B, T, V] bool is aligned with ``ids`` like ``loss_mask``: ``avoid[b, t]`` are the tokens
     the data marks as wrong continuations *in place of* token ``t`` (the data never marks the target
-    itself).  Positions with an empty set or outside the loss mask add nothing.
+    itself).  Positions with an empty set or outside the loss mask add nothing.  ``avoid`` [R, B, T, V]
+    holds R rules' sets, each its own term, summed with ``weights`` [R] (default 1 each).
     """
+    if avoid.dim() == 4:
+        w = torch.ones(avoid.shape[0]) if weights is None else weights
+        return sum(float(w[r]) * unlikelihood_sum(logits, ids, avoid[r], prefix_len, loss_mask, pad_id)
+                   for r in range(avoid.shape[0]))
     lg, tgt, mask = token_logits_and_targets(logits, ids, prefix_len, loss_mask, pad_id)
     av = avoid if prefix_len > 0 else avoid[:, 1:]
     sel = mask & av.any(-1)
@@ -69,7 +74,9 @@ def batch_losses(net: nn.Module, conditioner: nn.Module | None, batch: dict, pad
     logits = net(ids, prefix=prefix, types=batch.get("types"))
     p = 0 if prefix is None else prefix.shape[1]
     s, n = next_token_nll(logits, ids, p, batch.get("loss_mask"), pad_id)
-    ul = unlikelihood_sum(logits, ids, batch["avoid"], p, batch.get("loss_mask"), pad_id) if unlikelihood else None
+    ul = None
+    if unlikelihood:
+        ul = unlikelihood_sum(logits, ids, batch["avoid"], p, batch.get("loss_mask"), pad_id, batch.get("avoid_weight"))
     return s, n, ul
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import tempfile
 import warnings
 from collections import Counter
@@ -485,10 +486,12 @@ class JSBDataModule(pl.LightningDataModule):
 
     Batches: ``ids`` [B, T], ``types`` [B, T] (voice), ``loss_mask`` [B, T]
     (True on the scored voice-step tokens only; never BOS, EOS or PAD).  With ``avoid`` rules
-    (``[parallels]``, ``[parallels, crossings]``) the training batches also carry ``avoid`` [B, T, V]:
-    for each voice-step target, the pitches that would make a parallel fifth or octave with a voice
-    above it, or cross the voice just above (:mod:`~armodal.modalities.music.avoid`), for the
-    LightningModule's unlikelihood term (``module.unlikelihood_weight`` > 0).
+    (a mapping to relative weights such as ``{parallels: 5, crossings: 1}``, 0 = off; or a list of
+    rules at weight 1) the training batches also carry ``avoid`` [R, B, T, V] and
+    ``avoid_weight`` [R]: for each rule and voice-step target, the pitches that would make a parallel
+    fifth or octave with a voice above it, or cross the voice just above
+    (:mod:`~armodal.modalities.music.avoid`), for the LightningModule's unlikelihood term
+    (``module.unlikelihood_weight`` > 0 scales them all).
     """
 
     def __init__(
@@ -503,13 +506,10 @@ class JSBDataModule(pl.LightningDataModule):
         hold_types: int = 0,
         num_workers: int = 0,
         eval_batch_size: int | None = None,
-        avoid: tuple[str, ...] | list[str] = (),
+        avoid: tuple[str, ...] | list[str] | dict[str, float] = (),
     ) -> None:
         super().__init__()
-        if isinstance(avoid, str) or any(r not in AVOID_RULES for r in avoid) or len(set(avoid)) != len(avoid):
-            raise ValueError(f"modality.data.avoid={avoid!r}: expected a list of distinct rules from {AVOID_RULES} "
-                             "(or [] for none)")
-        self.avoid = tuple(avoid)
+        self.avoid = self._avoid_rules(avoid)
         if window_steps % 4 or stride_steps % 4 or not 0 < stride_steps <= window_steps:
             raise ValueError("window_steps and stride_steps must be multiples of 4 with 0 < stride <= window")
         self.path, self.batch_size, self.window_steps, self.stride_steps = path, batch_size, window_steps, stride_steps
@@ -517,6 +517,22 @@ class JSBDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.tokenizer = JSBTokenizer(beat_types=beat_types, hold_types=hold_types)
         self.splits: dict[str, list[np.ndarray]] | None = None
+
+    @staticmethod
+    def _avoid_rules(avoid) -> dict[str, float]:
+        """``modality.data.avoid`` (rule -> relative weight, 0 = off; or a list of rules at weight 1) ->
+        {rule: weight} of the rules that are on."""
+        msg = (f"modality.data.avoid={avoid!r}: expected a mapping rule -> weight >= 0 (rules {AVOID_RULES}, 0 = off) "
+               "or a list of distinct rules")
+        if isinstance(avoid, str):
+            raise ValueError(msg)
+        rules = dict(avoid.items()) if hasattr(avoid, "items") else {r: 1.0 for r in avoid}
+        if len(rules) != len(list(avoid)) or any(r not in AVOID_RULES for r in rules):
+            raise ValueError(msg)
+        for r, w in rules.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise ValueError(msg)
+        return {str(r): float(w) for r, w in rules.items() if w > 0}
 
     @property
     def max_seq_len(self) -> int:
@@ -542,7 +558,8 @@ class JSBDataModule(pl.LightningDataModule):
         loss_mask &= ids >= self.tokenizer.rest_id  # voice-step tokens only
         batch = {"ids": ids, "types": self.tokenizer.types(ids), "loss_mask": loss_mask}
         if avoid and self.avoid:
-            batch["avoid"] = avoid_sets(self.tokenizer, ids, self.avoid)
+            batch["avoid"] = torch.stack([avoid_sets(self.tokenizer, ids, (r,)) for r in self.avoid])  # [R, B, T, V]
+            batch["avoid_weight"] = torch.tensor(list(self.avoid.values()))
         return batch
 
     def _train_collate(self, items: list[tuple]) -> dict[str, torch.Tensor]:
