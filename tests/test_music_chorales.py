@@ -290,3 +290,5 @@ def test_default_experiment_is_the_chorale_grid(tmp_path):
     assert cfg.modality.data._target_.endswith("ChoraleDataModule")
     assert Path(cfg.modality.data.path).resolve() == CORPUS.resolve()  # committed with the repo: no download
     assert cfg.trainer.max_time is not None  # a hard stop keeps the demo under 10 minutes
+    # the unlikelihood term against parallel fifths / octaves is on, and the data supplies its sets
+    assert cfg.module.unlikelihood_weight > 0 and cfg.modality.data.avoid.parallels > 0
