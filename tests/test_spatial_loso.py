@@ -254,3 +254,34 @@ def test_combine_per_fold_invocations_mean_and_sd_over_seeds(tmp_path, monkeypat
     (tmp_path / "A" / "invocation.json").write_text(json.dumps({"plan": other, "folds": ["A"], "variants": ["w"], "seeds": [0, 1]}))
     with pytest.raises(SystemExit, match="another plan"):
         mod.combine(invs, tmp_path / "x")
+
+
+def test_winsteps_plan_reruns_the_recorded_slot_runs_at_300_steps_and_600_overrides_it(tmp_path):
+    """scripts/spatial_loso_winsteps.yaml: the spot-key plan's recipe; its 300-step candidate gives, key and command,
+    the run the spot-key invocations recorded for spot_key=slot (so --reuse takes it over), and its 600-step candidate
+    is the same command with trainer.max_steps=600 last, which the composed config then holds (schedule included)."""
+    import yaml
+
+    from conftest import compose_cfg
+
+    plan = yaml.safe_load((ROOT / "scripts" / "spatial_loso_winsteps.yaml").read_text())
+    key = yaml.safe_load((ROOT / "scripts" / "spatial_loso_spotkey.yaml").read_text())
+    for k in ("sections", "select", "data", "inner_seed", "inner_splits", "num_samples", "inner_num_samples", "train",
+              "eval", "inner_eval"):
+        assert plan[k] == key[k], k
+    mod = _script()
+    r = mod.Runner(tmp_path, plan, dry_run=True)
+    cmds = []
+    r._call = lambda cmd: cmds.append(mod.shlex.join(cmd))
+    mod.nested(r, plan, ["C2"], ["raster_key"], [])
+    trains = [c for c in cmds if c.split()[0].endswith("armodal-train")]
+    recorded = ("'modality.data.sections=[C3,C4,C5]' modality.data.test_section=C3 seed=0 modality.data.seed=0 logger=csv "
+                "callbacks.progress.refresh_rate=0 trainer.max_steps=300 trainer.val_check_interval=50 "
+                "module.scheduler.warmup_steps=10 modality.data.features.stain_norm=none modality.data.sequence=window "
+                "modality.data.order=raster modality.conditioner.n_keys=81 modality.data.spot_key=slot "
+                "'modality.data.features.ssl_sections=[C3,C4,C5]' modality.data.ssl_test_image=true")
+    assert len(trains) == 2 and f"C2/raster_key/inner_c1_C3 overwrite=true {recorded}" in trains[1]
+    assert f"C2/raster_key/inner_c0_C3 overwrite=true " in trains[0]
+    assert trains[0].split(" overwrite=true ")[1] == recorded.replace("spot_key=slot", "spot_key=slot trainer.max_steps=600")
+    cfg = compose_cfg("train", ["experiment=spatial_her2st", *trains[0].split(" overwrite=true ")[1].replace("'", "").split()])
+    assert cfg.trainer.max_steps == 600 and cfg.module.scheduler.total_steps == 600
