@@ -478,8 +478,10 @@ def combine(folders: list[str], out: Path) -> dict:
     (out / "loso.json").write_text(json.dumps(result, indent=2, default=str))
     md = table(result, first["variants"])
     (out / "loso.md").write_text(md)
+    # the combined table's rows for scripts/reproduce.py (an entry whose script is this --combine command)
+    (out / "rows.json").write_text(json.dumps(summary_rows(result, first["variants"], out.name), indent=2))
     print(md)
-    print(f"written: {out / 'loso.md'}, {out / 'loso.json'}")
+    print(f"written: {out / 'loso.md'}, {out / 'loso.json'}, {out / 'rows.json'}")
     return result
 
 

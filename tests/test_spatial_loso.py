@@ -245,6 +245,9 @@ def test_combine_per_fold_invocations_mean_and_sd_over_seeds(tmp_path, monkeypat
     assert "| A | 0.210 ± 0.014 | 0.200 ± 0.000 | 1.05 ± 0.07 |" in md
     # over the folds: per seed 0.30 and 0.32 -> 0.310 ± 0.014; ratio per seed 1.50, 1.60
     assert "| **mean** | 0.310 ± 0.014 | 0.200 ± 0.000 | 1.55 ± 0.07 |" in md
+    rows = {r["row"]: r for r in json.loads((tmp_path / "all" / "rows.json").read_text())}  # for scripts/reproduce.py
+    assert list(rows) == ["w A", "w B", "w mean"] and rows["w A"]["seeds"] == 2 and rows["w A"]["invocation"] == "all"
+    assert rows["w B"]["ar_pcc"] == pytest.approx(0.41) and rows["w mean"]["ar_pcc"] == pytest.approx(0.31)
     # a fold cut to one seed: its cell is that seed, the mean row the mean of the fold means (no sd)
     (tmp_path / "B" / "invocation.json").write_text(json.dumps({"plan": plan, "folds": ["B"], "variants": ["w"], "seeds": [0]}))
     mod.combine(invs, tmp_path / "y")
@@ -254,3 +257,53 @@ def test_combine_per_fold_invocations_mean_and_sd_over_seeds(tmp_path, monkeypat
     (tmp_path / "A" / "invocation.json").write_text(json.dumps({"plan": other, "folds": ["A"], "variants": ["w"], "seeds": [0, 1]}))
     with pytest.raises(SystemExit, match="another plan"):
         mod.combine(invs, tmp_path / "x")
+
+
+def test_winsteps_plan_reruns_the_recorded_slot_runs_at_300_steps_and_600_overrides_it(tmp_path):
+    """scripts/spatial_loso_winsteps.yaml: the spot-key plan's recipe; its 300-step candidate gives, key and command,
+    the run the spot-key invocations recorded for spot_key=slot (so --reuse takes it over), and its 600-step candidate
+    is the same command with trainer.max_steps=600 last, which the composed config then holds (schedule included)."""
+    import yaml
+
+    from conftest import compose_cfg
+
+    plan = yaml.safe_load((ROOT / "scripts" / "spatial_loso_winsteps.yaml").read_text())
+    key = yaml.safe_load((ROOT / "scripts" / "spatial_loso_spotkey.yaml").read_text())
+    for k in ("sections", "select", "data", "inner_seed", "inner_splits", "num_samples", "inner_num_samples", "train",
+              "eval", "inner_eval"):
+        assert plan[k] == key[k], k
+    mod = _script()
+    r = mod.Runner(tmp_path, plan, dry_run=True)
+    cmds = []
+    r._call = lambda cmd: cmds.append(mod.shlex.join(cmd))
+    mod.nested(r, plan, ["C2"], ["raster_key"], [])
+    trains = [c for c in cmds if c.split()[0].endswith("armodal-train")]
+    recorded = ("'modality.data.sections=[C3,C4,C5]' modality.data.test_section=C3 seed=0 modality.data.seed=0 logger=csv "
+                "callbacks.progress.refresh_rate=0 trainer.max_steps=300 trainer.val_check_interval=50 "
+                "module.scheduler.warmup_steps=10 modality.data.features.stain_norm=none modality.data.sequence=window "
+                "modality.data.order=raster modality.conditioner.n_keys=81 modality.data.spot_key=slot "
+                "'modality.data.features.ssl_sections=[C3,C4,C5]' modality.data.ssl_test_image=true")
+    assert len(trains) == 2 and f"C2/raster_key/inner_c1_C3 overwrite=true {recorded}" in trains[1]
+    assert f"C2/raster_key/inner_c0_C3 overwrite=true " in trains[0]
+    assert trains[0].split(" overwrite=true ")[1] == recorded.replace("spot_key=slot", "spot_key=slot trainer.max_steps=600")
+    cfg = compose_cfg("train", ["experiment=spatial_her2st", *trains[0].split(" overwrite=true ")[1].replace("'", "").split()])
+    assert cfg.trainer.max_steps == 600 and cfg.module.scheduler.total_steps == 600
+
+
+def test_orders_table_one_column_per_model_and_the_same_folds(tmp_path, monkeypatch):
+    """scripts/spatial_orders_table.py: per fold mean ± sd over that model's seeds, best AR / ridge over the models,
+    the mean row over the fold means; models covering other folds are refused."""
+    spec = importlib.util.spec_from_file_location("spatial_orders_table", ROOT / "scripts" / "spatial_orders_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for name, pccs in (("a", {"A": [0.10, 0.12], "B": [0.20]}), ("b", {"A": [0.30, 0.30, 0.30], "B": [0.10, 0.14]})):
+        (tmp_path / name).mkdir()
+        folds = {f: {"v": {"runs": [_metrics(f, p, ridge=0.2) for p in ps]}} for f, ps in pccs.items()}
+        (tmp_path / name / "loso.json").write_text(json.dumps({"folds": folds}))
+    md = mod.render(mod.load([f"x={tmp_path / 'a'}:v", f"y={tmp_path / 'b'}:v"]))
+    assert "| A | 0.110 ± 0.014 | 0.300 ± 0.000 | 0.200 ± 0.000 | 1.50 | 0.050 ± 0.000 / 0.050 ± 0.000 |" in md
+    assert "| B | 0.200 | 0.120 ± 0.028 | 0.200 | 1.00 |" in md
+    assert "| **mean** | **0.155** | **0.210** | 0.200 | 1.25 |" in md and "x: A 2, B 1; y: A 3, B 2" in md
+    (tmp_path / "b" / "loso.json").write_text(json.dumps({"folds": {"A": {"v": {"runs": [_metrics("A", 0.3)]}}}}))
+    with pytest.raises(SystemExit, match="other folds"):
+        mod.load([f"x={tmp_path / 'a'}:v", f"y={tmp_path / 'b'}:v"])
