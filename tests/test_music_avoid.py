@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from armodal.modalities.music.analysis import crossings, parallels
-from armodal.modalities.music.avoid import _row_avoid, _row_crossings, avoid_sets, parallel_avoid
+from armodal.modalities.music.avoid import _row_avoid, _row_crossings, avoid_sets
 from armodal.modalities.music.chorales import Chorale
 from armodal.modalities.music.data import ChoraleDataModule, JSBDataModule
 from armodal.modalities.music.tokenizer import ChoraleTokenizer, JSBTokenizer
@@ -71,19 +71,18 @@ def test_crossing_sets_are_the_analysis_crossings_with_the_voice_above():
     ids = tok.encode(Chorale("x", grid, np.zeros(2, bool), 7, "major", 16, 0))[None]
     both = avoid_sets(tok, ids, ("parallels", "crossings"))
     assert torch.equal(both, avoid_sets(tok, ids, ("parallels",)) | avoid_sets(tok, ids, ("crossings",)))
-    assert torch.equal(parallel_avoid(tok, ids), avoid_sets(tok, ids, ("parallels",)))
     with pytest.raises(ValueError, match="avoid rules"):
         avoid_sets(tok, ids, ("paralels",))
 
 
 def test_avoid_mask_sits_on_the_voice_step_tokens_of_a_window():
-    """parallel_avoid maps the sets onto the right token positions and pitch ids for both grids, never
+    """avoid_sets maps the sets onto the right token positions and pitch ids for both grids, never
     marks the true token, and leaves header / special positions empty."""
     grid = np.array([[67, 62, 55, 43], [69, 64, 57, 45], [69, 64, 57, 45]], float)  # S-T and A-B... move in 8ves/5ths
     for tok in (JSBTokenizer(), ChoraleTokenizer(hold_types=8)):
         piece = grid if type(tok) is JSBTokenizer else Chorale("x", grid, np.zeros(3, bool), 7, "major", 16, 0)
         ids = tok.encode(piece)[None]
-        av = parallel_avoid(tok, ids)
+        av = avoid_sets(tok, ids, ("parallels",))
         start = int(tok.body_start(ids)[0])
         assert not av[0, :start].any() and not av[0, start : start + 4].any()  # header and step 0
         assert not av.gather(-1, ids[..., None]).any()  # the true tokens

@@ -27,7 +27,7 @@ import torch
 
 from armodal.modalities.music.grid import NUM_VOICES
 
-__all__ = ["AVOID_RULES", "parallel_avoid", "avoid_sets"]
+__all__ = ["AVOID_RULES", "avoid_sets"]
 
 PERFECT = (0, 7)  # octave / unison and fifth, mod 12
 AVOID_RULES = ("parallels", "crossings")
@@ -69,12 +69,6 @@ def _row_avoid(grid: np.ndarray, low: int, high: int) -> np.ndarray:
         idx = np.flatnonzero(hit)
         out[1 + idx, v, (true[hit] - low).astype(np.int64)] = False  # never the true continuation
     return out
-
-
-def parallel_avoid(tok, ids: torch.Tensor) -> torch.Tensor:
-    """[B, T] ids of the JSB / chorale grid -> bool [B, T, V]: for each voice-step token, the pitch ids
-    that would make a parallel fifth or octave with a voice above it (see the module docstring)."""
-    return avoid_sets(tok, ids, ("parallels",))
 
 
 def avoid_sets(tok, ids: torch.Tensor, rules) -> torch.Tensor:

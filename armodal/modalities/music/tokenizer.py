@@ -437,8 +437,7 @@ class JSBTokenizer(Tokenizer):
         token.  Windows always start on a beat, so the beat phase is known too.
         """
         pos = torch.arange(ids.shape[-1], device=ids.device)[None, :]  # [1, T]
-        has_bos = (ids[:, :1] == self.bos_id).long()  # [B, 1]
-        rel = pos - has_bos  # index of the token inside the body; -1 for BOS
+        rel = pos - JSBTokenizer.body_start(self, ids)[:, None]  # index of the token inside the body; -1 for BOS
         voice = rel % NUM_VOICES
         if self.beat_types:
             step = torch.div(rel, NUM_VOICES, rounding_mode="floor").clamp_min(0)
@@ -469,8 +468,7 @@ class JSBTokenizer(Tokenizer):
         mask = torch.zeros(b, self.vocab_size, dtype=torch.bool, device=ids.device)
         mask[:, self.rest_id] = True
         mask[:, self.num_specials :] = True
-        has_bos = (ids[:, 0] == self.bos_id).long() if t else torch.zeros(b, dtype=torch.long, device=ids.device)
-        n_body = t - has_bos  # [B] voice-step tokens so far
+        n_body = t - JSBTokenizer.body_start(self, ids)  # [B] voice-step tokens so far
         mask[:, self.eos_id] = (n_body > 0) & (n_body % NUM_VOICES == 0)
         return mask
 
@@ -591,10 +589,6 @@ class ChoraleTokenizer(JSBTokenizer):
                              f"holds ({', '.join(_meter_name(m) for m in self.meters)})")
         return self.meter0 + self.meters.index(int(bar_len))
 
-    def body_start(self, ids: torch.Tensor) -> torch.Tensor:
-        """[B] index of the first voice-step token (after ``[BOS] KEY METER POS``)."""
-        return self._body_start(ids)
-
     def id_pitch(self, ids: torch.Tensor) -> torch.Tensor:
         """ids -> float MIDI pitch of each pitch id (a fermata pitch too), NaN for every other id."""
         plain = super().id_pitch(ids)
@@ -602,7 +596,7 @@ class ChoraleTokenizer(JSBTokenizer):
         ferm = (rel >= 0) & (rel <= self.high - self.low)
         return torch.where(ferm, (rel + self.low).double(), plain)
 
-    def _body_start(self, ids: torch.Tensor) -> torch.Tensor:
+    def body_start(self, ids: torch.Tensor) -> torch.Tensor:
         """[B] index of the first voice-step token (after ``[BOS] KEY METER POS``)."""
         return (ids[:, 0] == self.bos_id).long() + HEADER_LEN if ids.shape[1] else torch.zeros(
             ids.shape[0], dtype=torch.long, device=ids.device)
@@ -611,7 +605,7 @@ class ChoraleTokenizer(JSBTokenizer):
         """[B] bar length and [B] bar position of the first step, read from the header (defaults
         16 / 0 while the header is still being written)."""
         b, t = ids.shape
-        start = self._body_start(ids) - HEADER_LEN  # index of KEY
+        start = self.body_start(ids) - HEADER_LEN  # index of KEY
         meters = torch.tensor(self.meters, device=ids.device)
         bar = torch.full((b,), 16 if 16 in self.meters else self.meters[0], dtype=torch.long, device=ids.device)
         pos = torch.zeros(b, dtype=torch.long, device=ids.device)
@@ -672,7 +666,7 @@ class ChoraleTokenizer(JSBTokenizer):
     def types(self, ids: torch.Tensor) -> torch.Tensor:
         """[B, T] -> [B, T]: voice + 4 * bar position (+ hold length)."""
         pos = torch.arange(ids.shape[-1], device=ids.device)[None, :]  # [1, T]
-        rel = pos - self._body_start(ids)[:, None]  # [B, T] index inside the body; < 0 in the header
+        rel = pos - self.body_start(ids)[:, None]  # [B, T] index inside the body; < 0 in the header
         bar, pos0 = self._header_values(ids)
         step = torch.div(rel, NUM_VOICES, rounding_mode="floor")  # header: step -1
         voice = rel % NUM_VOICES
@@ -690,7 +684,7 @@ class ChoraleTokenizer(JSBTokenizer):
         if t == 0:
             mask[:, self.bos_id] = True
             return mask
-        n = t - self._body_start(ids) + HEADER_LEN  # tokens after [BOS]
+        n = t - self.body_start(ids) + HEADER_LEN  # tokens after [BOS]
         bar, _ = self._header_values(ids)
         mask[:, self.key0 : self.key0 + 24] = (n == 0)[:, None]
         mask[:, self.meter0 : self.pos0] = (n == 1)[:, None]
