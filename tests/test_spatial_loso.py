@@ -325,6 +325,29 @@ def test_winsteps1200_plan_reruns_the_recorded_600_step_runs_and_adds_only_the_1
     assert cfg.trainer.max_steps == 1200 and cfg.module.scheduler.total_steps == 1200
 
 
+def test_hilbertkey600_plan_is_the_raster_600_step_outer_runs_with_the_hilbert_order(tmp_path):
+    """scripts/spatial_loso_hilbertkey600.yaml: every outer run (fold, seed) is the raster 600-step plan's outer run of
+    that fold and seed (scripts/spatial_loso_winsteps.yaml, 600 selected) with order=raster -> order=hilbert and nothing
+    else, and it has no inner runs (the length and the stain selection are taken over, not re-selected)."""
+    import yaml
+
+    mod = _script()
+
+    def commands(name, variant):
+        plan = yaml.safe_load((ROOT / "scripts" / name).read_text())
+        r = mod.Runner(tmp_path, plan, dry_run=True)
+        cmds = []
+        r._call = lambda cmd: cmds.append(mod.shlex.join(cmd))
+        mod.nested(r, plan, plan["sections"], [variant], [0, 1, 2])  # dry run: c0 (600 steps) selected for raster
+        return [c for c in cmds if "/inner_" not in c]
+
+    raster, hilbert = commands("spatial_loso_winsteps.yaml", "raster_key"), commands("spatial_loso_hilbertkey600.yaml", "hilbert_key")
+    assert len(hilbert) == len(raster) == 4 * 3 * 2 and all("/seed" in c for c in hilbert)
+    assert hilbert == [c.replace("/raster_key/", "/hilbert_key/").replace("modality.data.order=raster", "modality.data.order=hilbert")
+                       for c in raster]
+    assert sum("trainer.max_steps=600" in c for c in hilbert) == 4 * 3
+
+
 def test_orders_table_one_column_per_model_and_the_same_folds(tmp_path, monkeypatch):
     """scripts/spatial_orders_table.py: per fold mean ± sd over that model's seeds, best AR / ridge over the models,
     the mean row over the fold means; models covering other folds are refused."""
