@@ -238,6 +238,8 @@ def test_rule_penalty_in_decoding_and_refusals():
         GenerationConfig(rule_penalty={"parallels": -1})
     with pytest.raises(ValueError, match="rule_penalty.*mapping"):
         GenerationConfig(rule_penalty=3)
+    assert GenerationConfig(rule_penalty={}).rule_penalty is None  # {} switches a modality's default off
+    assert GenerationConfig(rule_penalty={"parallels": 1}).replace(rule_penalty={}).rule_penalty is None
     plain = tiny_model(TokensTokenizer(20))
     with pytest.raises(UnsupportedSetting, match="rule_penalty.*TokensTokenizer has no style rules"):
         plain.generate(config=GenerationConfig(rule_penalty={"parallels": 2}), max_new_tokens=3)
