@@ -290,6 +290,64 @@ def test_winsteps_plan_reruns_the_recorded_slot_runs_at_300_steps_and_600_overri
     assert cfg.trainer.max_steps == 600 and cfg.module.scheduler.total_steps == 600
 
 
+def test_winsteps1200_plan_reruns_the_recorded_600_step_runs_and_adds_only_the_1200_step_inner_runs(tmp_path):
+    """scripts/spatial_loso_winsteps1200.yaml: every run of scripts/spatial_loso_winsteps.yaml whose 600-step runs were
+    recorded (inner c0 and the outer seeds, with 600 selected), key and command, is a run of this plan (so --reuse takes
+    it over); the only other runs are the 1200-step inner ones (c1), the same command with trainer.max_steps=1200, which
+    the composed config then holds (LR schedule included)."""
+    import yaml
+
+    from conftest import compose_cfg
+
+    mod = _script()
+
+    def commands(name):
+        plan = yaml.safe_load((ROOT / "scripts" / name).read_text())
+        r = mod.Runner(tmp_path, plan, dry_run=True)
+        cmds = {}
+        r._call = lambda cmd: cmds.setdefault(cmd[2 if cmd[0].endswith("armodal-train") else 1], []).append(mod.shlex.join(cmd))
+        mod.nested(r, plan, plan["sections"], ["raster_key"], [0, 1, 2])  # dry run: c0 (600) selected in both plans
+        return cmds
+
+    old, new = commands("spatial_loso_winsteps.yaml"), commands("spatial_loso_winsteps1200.yaml")
+    recorded = {k: v for k, v in old.items() if "inner_c1_" not in k}  # old c1 = the 300-step runs
+    assert len(recorded) == 4 * 2 + 4 * 3 * 2  # inner c0 train + eval per fold, outer train + eval per fold and seed
+    assert all(new[k] == v for k, v in recorded.items())
+    extra = {k: v for k, v in new.items() if k not in recorded}
+    c1 = [k for k in extra if "inner_c1_" in k]
+    assert len(extra) == 8 and len(c1) == 8  # the 1200-step inner train + eval of each fold, nothing else
+    for k in c1:
+        if k.startswith("run_dir="):
+            c0 = recorded[k.replace("inner_c1_", "inner_c0_")][0].replace("inner_c1_", "inner_c0_")
+            assert new[k][0].replace("inner_c1_", "inner_c0_") == c0.replace("trainer.max_steps=600", "trainer.max_steps=1200")
+    train = next(v[0] for k, v in extra.items() if k.startswith("run_dir="))
+    cfg = compose_cfg("train", ["experiment=spatial_her2st", *train.split(" overwrite=true ")[1].replace("'", "").split()])
+    assert cfg.trainer.max_steps == 1200 and cfg.module.scheduler.total_steps == 1200
+
+
+def test_hilbertkey600_plan_is_the_raster_600_step_outer_runs_with_the_hilbert_order(tmp_path):
+    """scripts/spatial_loso_hilbertkey600.yaml: every outer run (fold, seed) is the raster 600-step plan's outer run of
+    that fold and seed (scripts/spatial_loso_winsteps.yaml, 600 selected) with order=raster -> order=hilbert and nothing
+    else, and it has no inner runs (the length and the stain selection are taken over, not re-selected)."""
+    import yaml
+
+    mod = _script()
+
+    def commands(name, variant):
+        plan = yaml.safe_load((ROOT / "scripts" / name).read_text())
+        r = mod.Runner(tmp_path, plan, dry_run=True)
+        cmds = []
+        r._call = lambda cmd: cmds.append(mod.shlex.join(cmd))
+        mod.nested(r, plan, plan["sections"], [variant], [0, 1, 2])  # dry run: c0 (600 steps) selected for raster
+        return [c for c in cmds if "/inner_" not in c]
+
+    raster, hilbert = commands("spatial_loso_winsteps.yaml", "raster_key"), commands("spatial_loso_hilbertkey600.yaml", "hilbert_key")
+    assert len(hilbert) == len(raster) == 4 * 3 * 2 and all("/seed" in c for c in hilbert)
+    assert hilbert == [c.replace("/raster_key/", "/hilbert_key/").replace("modality.data.order=raster", "modality.data.order=hilbert")
+                       for c in raster]
+    assert sum("trainer.max_steps=600" in c for c in hilbert) == 4 * 3
+
+
 def test_orders_table_one_column_per_model_and_the_same_folds(tmp_path, monkeypatch):
     """scripts/spatial_orders_table.py: per fold mean ± sd over that model's seeds, best AR / ridge over the models,
     the mean row over the fold means; models covering other folds are refused."""
