@@ -111,10 +111,21 @@ class ARModel:
                         stream=stream, draft=draft)
 
     def token_rules(self, config: GenerationConfig) -> Tokens:
-        """What the engine needs from the tokenizer: EOS / pad ids, the type stream, the grammar (if constrained)."""
+        """What the engine needs from the tokenizer: EOS / pad ids, the type stream, the grammar (if constrained),
+        the style rules (if ``rule_penalty`` is set)."""
         tok = self.tokenizer
+        self._check_rules(config)  # every decode path (the modalities' own too) builds its rules here
         return Tokens(tok.eos_id, tok.pad_id, tok.types if tok.num_types > 0 else None,
-                      tok.allowed_next if config.constrained else None)
+                      tok.allowed_next if config.constrained else None,
+                      tok.flagged_next if config.rule_penalty else None)
+
+    def _check_rules(self, config: GenerationConfig) -> None:
+        """``rule_penalty`` names only rules the tokenizer has: else :class:`UnsupportedSetting`."""
+        have = tuple(self.tokenizer.style_rules)
+        for rule in config.rule_penalty or {}:
+            if rule not in have:
+                raise UnsupportedSetting("rule_penalty", config.rule_penalty, self.modality, f"{type(self.tokenizer).__name__} "
+                                         + (f"has the style rules {', '.join(have)}, not {rule!r}" if have else "has no style rules"))
 
     def check(self, config: GenerationConfig, cond: Any = None) -> None:
         """Raise :class:`UnsupportedSetting` for a setting this model cannot honour."""
@@ -134,6 +145,7 @@ class ARModel:
                                          "beam hypothesis has the same length and ends at the same step")
         if not config.constrained and type(self.tokenizer).allowed_next is Tokenizer.allowed_next:
             raise UnsupportedSetting("constrained", False, m, f"{type(self.tokenizer).__name__} has no grammar to switch off")
+        self._check_rules(config)
         if config.strategy == "speculative" and config.draft_ckpt is None and self.draft is None:
             raise ValueError("strategy=speculative needs a draft model: draft_ckpt=PATH (a smaller model trained "
                              "with the same tokenizer), or set ARModel.draft")

@@ -141,6 +141,8 @@ def settings_table(ckpt: Path) -> dict[str, list[tuple[object, dict, str]]]:
         "cfg_scale": [(0.0, {}, "changes")],  # unconditional: the image default is 3
         "max_new_tokens": [(5, {}, "changes")],  # the base run: the modality's default, at most 24
         "constrained": [(False, {}, "changes")],
+        # style rules (the four-voice music grids have them; every other tokenizer refuses by name)
+        "rule_penalty": [({"parallels": float("inf"), "crossings": float("inf")}, {}, "changes")],
         "num_beams": [(2, {"strategy": "beam"}, "runs")],
         "length_penalty": [(0.0, {"strategy": "beam"}, "runs")],
         "early_stopping": [(True, {"strategy": "beam"}, "runs")],

@@ -167,3 +167,79 @@ def test_unlikelihood_lowers_the_avoided_mass_and_refusals():
                             avoid={"parallels": 0, "crossings": 0})  # the config's default: every rule off
     assert "avoid" not in off.collate([off.train_dataloader().dataset[0]], avoid=True)
     assert torch.equal(b2["avoid"][1], avoid_sets(dm2.tokenizer, b2["ids"], ("crossings",)))
+
+
+# ----------------------------------------------------------------------------- the same rules at decoding time
+def test_next_flags_are_the_avoid_sets_of_the_next_position():
+    """``flagged_next(ids[:, :p], rule)`` is, at every voice-step position p of real chorales, exactly the set
+    avoid_sets marks at p, plus the true pitch when that pitch itself breaks the rule (avoid_sets leaves it out)."""
+    dm = ChoraleDataModule(CORPUS, batch_size=4, window_steps=24, stride_steps=24)
+    tok = dm.tokenizer
+    ids = dm.collate([dm.train_dataloader().dataset[i] for i in (0, 7, 30)])["ids"]
+    starts = tok.body_start(ids)
+    start = int(starts.min())
+    breaches = 0
+    for rule in ("parallels", "crossings"):
+        sets = avoid_sets(tok, ids, (rule,))
+        for p in range(start, ids.shape[1]):
+            got = tok.flagged_next(ids[:, :p], rule)
+            true_hit = got.gather(-1, ids[:, p : p + 1]).squeeze(-1)
+            got_wo_true = got.clone()
+            got_wo_true[torch.arange(len(ids)), ids[:, p]] = False
+            assert torch.equal(got_wo_true, sets[:, p]), (rule, p)
+            soprano = ((p - starts) % 4 == 0) | (p < starts)
+            assert not got[soprano].any()  # the soprano (nothing above it) and the header: nothing flagged
+            breaches += int(true_hit.sum())
+        # Bach's own notes that break the rule show up as flagged (his crossings are not rare)
+    assert breaches > 0
+    with pytest.raises(ValueError, match="style rule 'paralels'"):
+        tok.flagged_next(ids[:, : start + 5], "paralels")
+
+
+def test_rule_penalty_in_decoding_and_refusals():
+    """rule_penalty={parallels: inf, crossings: inf} leaves an untrained model's samples with no parallel
+    fifth / octave and no crossing (the model alone writes many); a finite penalty lowers the flagged logits
+    by exactly its nats; a rule the tokenizer lacks, or a tokenizer without rules, is refused by name."""
+    from armodal.generation import GenerationConfig, UnsupportedSetting
+    from armodal.generation.processors import rule_penalty
+    from armodal.modalities.music.analysis import crossings, parallels
+    from armodal.modalities.tokens.tokenizer import TokensTokenizer
+    from tests.test_music_harmonize import tiny_model
+
+    logits = torch.tensor([[0.0, 1.0, 2.0], [3.0, float("-inf"), 1.0]])
+    flag = torch.tensor([[False, True, True], [True, False, True]])
+    out = rule_penalty(logits, {"parallels": flag}, {"parallels": 1.5})
+    assert torch.equal(out, torch.tensor([[0.0, -0.5, 0.5], [1.5, float("-inf"), -0.5]]))
+    hard = rule_penalty(logits, {"parallels": flag}, {"parallels": float("inf")})
+    assert torch.equal(hard[0], torch.tensor([0.0, float("-inf"), float("-inf")]))
+    assert torch.equal(hard[1], logits[1])  # every allowed token flagged: the row is left as it was
+
+    tok = ChoraleTokenizer(hold_types=8)
+    model = tiny_model(tok, max_seq_len=260)
+    counts = {}
+    for pen in (None, {"parallels": float("inf"), "crossings": float("inf")}):
+        out = model.generate(config=GenerationConfig(seed=0, rule_penalty=pen), num_samples=6)
+        par = cross = 0
+        for i in range(6):
+            grid = tok.to_chorale(out.ids[i, : out.lengths[i]]).grid
+            full = ~np.isnan(grid).any(1)  # the rules read the step before; rests break the chain
+            for s in range(1, len(grid)):
+                if full[s - 1] and full[s]:
+                    par += sum(parallels(grid[s - 1 : s + 1].astype(np.int64))[1:])
+            cross += int(crossings(grid[full]).sum())
+        counts[str(pen)] = (par, cross)
+    free, ruled = counts.values()
+    assert free[0] > 5 and free[1] > 20, counts  # the untrained model breaks both rules freely
+    assert ruled == (0, 0), counts
+
+    with pytest.raises(UnsupportedSetting, match="rule_penalty.*has the style rules parallels, crossings, not 'fifths'"):
+        model.generate(config=GenerationConfig(rule_penalty={"fifths": 2}))
+    with pytest.raises(ValueError, match="rule_penalty.*>= 0"):
+        GenerationConfig(rule_penalty={"parallels": -1})
+    with pytest.raises(ValueError, match="rule_penalty.*mapping"):
+        GenerationConfig(rule_penalty=3)
+    assert GenerationConfig(rule_penalty={}).rule_penalty is None  # {} switches a modality's default off
+    assert GenerationConfig(rule_penalty={"parallels": 1}).replace(rule_penalty={}).rule_penalty is None
+    plain = tiny_model(TokensTokenizer(20))
+    with pytest.raises(UnsupportedSetting, match="rule_penalty.*TokensTokenizer has no style rules"):
+        plain.generate(config=GenerationConfig(rule_penalty={"parallels": 2}), max_new_tokens=3)

@@ -38,6 +38,9 @@ class GenerationConfig:
     cfg_scale: float = 1.0  # classifier-free guidance: uncond + s * (cond - uncond); 1 = off
     max_new_tokens: int | None = None  # tokens to generate; None = the modality's length, else the room left
     constrained: bool = True  # apply the tokenizer's grammar mask (allowed next tokens)
+    rule_penalty: Mapping[str, float] | None = None  # {rule: nats}: lower the logit of every token the tokenizer's
+    #   style rule flags after the sequence so far (music grids: parallels, crossings) by that many nats; inf forbids
+    #   it (unless every allowed token is flagged); None or {} = off.  A rule the tokenizer does not have is an error
     num_beams: int | None = None  # beam: hypotheses kept per prompt (None = 4)
     length_penalty: float | None = None  # beam: rank by sum log p / length ** length_penalty (None = 1)
     early_stopping: bool | None = None  # beam: stop once num_beams hypotheses ended (None = False: stop
@@ -83,6 +86,15 @@ class GenerationConfig:
             bad("repetition_penalty", "must be > 0 (1 = off)")
         if not isinstance(self.constrained, bool):
             bad("constrained", "must be true or false")
+        if self.rule_penalty is not None:
+            if not isinstance(self.rule_penalty, Mapping):
+                bad("rule_penalty", "must be a mapping {rule name: nats}, e.g. {parallels: 3}; {} = off")
+            pens = {}
+            for rule, v in self.rule_penalty.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                    bad("rule_penalty", f"rule {rule!r}: the penalty must be a number >= 0 (nats; inf forbids)")
+                pens[str(rule)] = float(v)
+            object.__setattr__(self, "rule_penalty", pens or None)  # {} switches a modality's default off
         for name, owner in _STRATEGY_FIELDS.items():
             if getattr(self, name) is not None and self.strategy != owner:
                 bad(name, f"only applies to strategy={owner} (strategy is {self.strategy!r})")

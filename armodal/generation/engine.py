@@ -6,7 +6,8 @@ An :class:`Engine` wraps one network for one decode call.  It owns
   :class:`~armodal.generation.fast.FastDecoder` when the compiled step is on);
 * classifier-free guidance by doubling the batch: every forward runs the
   conditional and the unconditional rows together and returns the mixed logits;
-* the per-token type stream (``types_fn``) and the grammar mask (``allowed_fn``);
+* the per-token type stream (``types_fn``), the grammar mask (``allowed_fn``) and the
+  style rules behind ``rule_penalty`` (``flagged_fn``);
 * the logits processors of the :class:`GenerationConfig` (:meth:`Engine.process`).
 
 A strategy (:mod:`.sampling`, :mod:`.beam`, :mod:`.speculative`, :mod:`.lookahead`)
@@ -33,6 +34,7 @@ __all__ = ["Engine", "GenerationOutput", "Tokens", "generate", "seeded_generator
 
 TypesFn = Callable[[torch.Tensor], "torch.Tensor | None"]  # ids [B, t] -> types [B, t] (causal)
 AllowedFn = Callable[[torch.Tensor], "torch.Tensor | None"]  # ids [B, t] -> bool [B, V]
+FlaggedFn = Callable[[torch.Tensor, str], torch.Tensor]  # (ids [B, t], rule) -> bool [B, V]: tokens the rule flags next
 StreamFn = Callable[[int, torch.Tensor], None]  # (step, new ids [B]) -> None
 
 
@@ -52,6 +54,7 @@ class Tokens:
     pad_id: int = 0
     types_fn: TypesFn | None = None
     allowed_fn: AllowedFn | None = None
+    flagged_fn: FlaggedFn | None = None  # the style rules behind GenerationConfig.rule_penalty
 
 
 class Engine:
@@ -204,7 +207,12 @@ class Engine:
         cfg = self.config
         prev = seq if cfg.repetition_penalty != 1.0 else None
         allowed = self.tokens.allowed_fn(seq) if self.tokens.allowed_fn is not None else None
-        return process(logits, cfg, prev, allowed)
+        flagged = None
+        if cfg.rule_penalty:
+            if self.tokens.flagged_fn is None:
+                raise ValueError(f"rule_penalty={cfg.rule_penalty}: this decode call has no style rules (Tokens.flagged_fn)")
+            flagged = {rule: self.tokens.flagged_fn(seq, rule) for rule in cfg.rule_penalty}
+        return process(logits, cfg, prev, allowed, flagged)
 
     def choose(self, logits: torch.Tensor, seq: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """The next token [B] after ``seq``: argmax or a draw from the processed distribution."""

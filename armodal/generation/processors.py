@@ -1,8 +1,8 @@
 """Logits processors: small pure functions over logits [B, V].
 
 Each returns new logits with disallowed entries set to ``-inf``; none mutates its
-input.  :func:`process` composes them in the usual order (penalty, mask,
-temperature, top-k, top-p, min-p) as a :class:`GenerationConfig` asks, and
+input.  :func:`process` composes them in the usual order (repetition penalty, grammar
+mask, style-rule penalty, temperature, top-k, top-p, min-p) as a :class:`GenerationConfig` asks, and
 :func:`probs` turns the result into the distribution that sampling, beam
 search's scores and the speculative accept test all use.
 """
@@ -21,6 +21,7 @@ __all__ = [
     "min_p",
     "repetition_penalty",
     "mask_disallowed",
+    "rule_penalty",
     "cfg_mix",
     "process",
     "probs",
@@ -86,6 +87,22 @@ def mask_disallowed(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch
     return logits.masked_fill(~allowed, NEG_INF)
 
 
+def rule_penalty(logits: torch.Tensor, flagged: dict[str, torch.Tensor] | None,
+                 penalties: dict[str, float] | None) -> torch.Tensor:
+    """Subtract ``penalties[rule]`` nats from the logits of the tokens ``flagged[rule]`` (bool [B, V]) marks.
+
+    An infinite penalty forbids the token; a row whose every finite logit would become -inf is left as it
+    was (the rules are a preference, never a dead end).
+    """
+    if not flagged or not penalties:
+        return logits
+    x = logits
+    for rule, mask in flagged.items():
+        x = torch.where(mask.to(x.device), x - penalties[rule], x)
+    dead = torch.isneginf(x).all(-1) & ~torch.isneginf(logits).all(-1)
+    return torch.where(dead[:, None], logits, x) if dead.any() else x
+
+
 def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance: uncond + scale * (cond - uncond). 0 -> uncond, 1 -> cond."""
     if scale == 1.0:
@@ -100,11 +117,16 @@ def process(
     params: GenerationConfig,
     prev_ids: torch.Tensor | None = None,
     allowed: torch.Tensor | None = None,
+    flagged: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Apply the configured processors in order; returns float32 logits [B, V]."""
+    """Apply the configured processors in order; returns float32 logits [B, V].
+
+    ``flagged`` {rule: bool [B, V]}: the tokens each style rule flags (``params.rule_penalty`` gives the nats).
+    """
     x = logits.float()
     x = repetition_penalty(x, prev_ids, params.repetition_penalty)
     x = mask_disallowed(x, allowed)
+    x = rule_penalty(x, flagged, params.rule_penalty)
     if params.is_greedy:
         return x
     x = temperature(x, params.temperature)

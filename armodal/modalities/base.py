@@ -126,6 +126,13 @@ class Tokenizer(ABC):
         """Grammar: given ids [B, t] so far, a bool mask [B, V] of allowed next tokens, or None."""
         return None
 
+    style_rules: tuple[str, ...] = ()  # names of the rules flagged_next knows (GenerationConfig.rule_penalty keys)
+
+    def flagged_next(self, ids: torch.Tensor, rule: str) -> torch.Tensor:
+        """Style rule ``rule`` (one of :attr:`style_rules`): given ids [B, t], a bool mask [B, V] of the next
+        tokens that would break it (sampling lowers their logits by ``rule_penalty[rule]`` nats)."""
+        raise ValueError(f"{type(self).__name__} has no style rule {rule!r} (its rules: {self.style_rules or 'none'})")
+
     @abstractmethod
     def state(self) -> dict:
         """JSON-serialisable state from which ``from_state`` rebuilds the tokenizer."""

@@ -18,6 +18,9 @@ step, the rule :func:`armodal.modalities.music.analysis.crossings` counts.  Each
 are all covered.  The true continuation is never in its own avoid set: where Bach writes a parallel,
 the data teaches it (unlikelihood training, Welleck et al. 2019, penalises only the *other* parallel
 moves).  Computed from the (transposed) training window itself, so augmentation needs nothing extra.
+
+:func:`next_flags` is the same rule for decoding: the pitches that voice would write next in breach of
+a rule, given the sequence so far (the tokenizers' ``flagged_next``, behind ``rule_penalty``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 
 from armodal.modalities.music.grid import NUM_VOICES
 
-__all__ = ["AVOID_RULES", "avoid_sets"]
+__all__ = ["AVOID_RULES", "avoid_sets", "next_flags"]
 
 PERFECT = (0, 7)  # octave / unison and fifth, mod 12
 AVOID_RULES = ("parallels", "crossings")
@@ -71,13 +74,41 @@ def _row_avoid(grid: np.ndarray, low: int, high: int) -> np.ndarray:
     return out
 
 
+_ROW_FNS = {"parallels": _row_avoid, "crossings": _row_crossings}
+
+
+def next_flags(tok, ids: torch.Tensor, rule: str) -> torch.Tensor:
+    """[B, t] ids of the JSB / chorale grid -> bool [B, V]: the pitches the next token would write in
+    breach of ``rule`` (what :func:`avoid_sets` marks at that position, computed from the last two steps).
+    Nothing is flagged for the soprano, outside the body, or at an EOS position."""
+    if rule not in _ROW_FNS:
+        raise ValueError(f"style rule {rule!r}: the four-voice grid's rules are {', '.join(AVOID_RULES)}")
+    fn = _ROW_FNS[rule]
+    b, t = ids.shape
+    out = torch.zeros(b, tok.vocab_size, dtype=torch.bool)
+    starts = tok.body_start(ids).tolist()
+    pitch = tok.id_pitch(ids).numpy()
+    n_p = tok.high - tok.low + 1
+    for i in range(b):
+        step, voice = divmod(t - starts[i], NUM_VOICES)
+        if step < 0 or voice == 0:
+            continue
+        first = max(0, step - 1)  # the step before (the previous sonority) and this step so far
+        grid = np.full((step - first + 1) * NUM_VOICES, np.nan)
+        known = pitch[i, starts[i] + first * NUM_VOICES :]
+        grid[: len(known)] = known
+        flags = fn(grid.reshape(-1, NUM_VOICES), tok.low, tok.high)[-1, voice]  # [P]
+        out[i, tok.num_specials : tok.num_specials + n_p] = torch.from_numpy(flags)
+    return out.to(ids.device)
+
+
 def avoid_sets(tok, ids: torch.Tensor, rules) -> torch.Tensor:
     """[B, T] ids of the JSB / chorale grid -> bool [B, T, V]: the union of the avoid sets of ``rules``
     (names in :data:`AVOID_RULES`) for each voice-step token."""
     bad = [r for r in rules if r not in AVOID_RULES]
     if bad or not rules:
         raise ValueError(f"avoid rules {list(rules)}: expected a non-empty list of {AVOID_RULES}")
-    row_fns = [{"parallels": _row_avoid, "crossings": _row_crossings}[r] for r in rules]
+    row_fns = [_ROW_FNS[r] for r in rules]
     b, t = ids.shape
     out = torch.zeros(b, t, tok.vocab_size, dtype=torch.bool)
     starts = tok.body_start(ids).tolist()

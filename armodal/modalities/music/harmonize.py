@@ -18,6 +18,7 @@ written).  The soprano of every result equals the melody exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -241,7 +242,7 @@ def harmonize(model: "ARModel", melody: Chorale, fermatas_known: bool, config=No
     top-k / top-p ..., ``constrained=false`` keeps only the soprano forcing; ``max_new_tokens`` is
     refused unless it equals ``default_max_new`` (the modality's default, which the melody overrides).
     """
-    from armodal.generation import GenerationConfig, Tokens, generate, seeded_generator
+    from armodal.generation import GenerationConfig, generate, seeded_generator
 
     tok = model.tokenizer
     config = config or GenerationConfig()
@@ -281,7 +282,7 @@ def harmonize(model: "ARModel", melody: Chorale, fermatas_known: bool, config=No
             row = _table[min(ids.shape[1] - _plen, len(_table) - 1)].to(ids.device)[None].expand(ids.shape[0], -1)
             return row if base.allowed_fn is None else row & base.allowed_fn(ids)
 
-        rules = Tokens(tok.eos_id, tok.pad_id, base.types_fn, allowed)
+        rules = dataclasses.replace(base, allowed_fn=allowed)  # the style rules (rule_penalty) stay
         out = generate(model.net, prompt.to(model.device), config, tokens=rules,
                        max_new_tokens=NUM_VOICES * n_steps + (1 if last else 0), generator=generator)
         new = out.ids[:, plen : plen + NUM_VOICES * n_steps].cpu().reshape(num_samples, n_steps, NUM_VOICES)

@@ -32,6 +32,7 @@ import torch
 from symusic import Score, Track
 
 from armodal.modalities.base import Tokenizer, register_tokenizer
+from armodal.modalities.music.avoid import AVOID_RULES, next_flags
 from armodal.modalities.music.chorales import Chorale
 from armodal.modalities.music.grid import JSB_HIGH, JSB_LOW, NUM_VOICES, grid_to_score, score_to_grid
 from armodal.modalities.music.midi_io import read_midi
@@ -471,6 +472,13 @@ class JSBTokenizer(Tokenizer):
         n_body = t - JSBTokenizer.body_start(self, ids)  # [B] voice-step tokens so far
         mask[:, self.eos_id] = (n_body > 0) & (n_body % NUM_VOICES == 0)
         return mask
+
+    style_rules = AVOID_RULES  # parallel fifths / octaves with a voice above; crossing the voice just above
+
+    def flagged_next(self, ids: torch.Tensor, rule: str) -> torch.Tensor:
+        """[B, t] -> bool [B, V]: the pitches the next voice would write in breach of ``rule``
+        (:func:`armodal.modalities.music.avoid.next_flags`; ``rule_penalty`` lowers their logits)."""
+        return next_flags(self, ids.cpu(), rule).to(ids.device)
 
     def grammar_errors(self, ids: torch.Tensor) -> int:
         """Grammar violations in one sequence: no BOS first, BOS/PAD inside the piece, tokens
