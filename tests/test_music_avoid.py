@@ -232,7 +232,7 @@ def test_rule_penalty_in_decoding_and_refusals():
     assert free[0] > 5 and free[1] > 20, counts  # the untrained model breaks both rules freely
     assert ruled == (0, 0), counts
 
-    with pytest.raises(UnsupportedSetting, match="rule_penalty.*has the style rules parallels, crossings, not 'fifths'"):
+    with pytest.raises(UnsupportedSetting, match="rule_penalty.*has the style rules parallels, crossings, cadences, not 'fifths'"):
         model.generate(config=GenerationConfig(rule_penalty={"fifths": 2}))
     with pytest.raises(ValueError, match="rule_penalty.*>= 0"):
         GenerationConfig(rule_penalty={"parallels": -1})

@@ -33,6 +33,7 @@ from symusic import Score, Track
 
 from armodal.modalities.base import Tokenizer, register_tokenizer
 from armodal.modalities.music.avoid import AVOID_RULES, next_flags
+from armodal.modalities.music.cadence import cadence_flags
 from armodal.modalities.music.chorales import Chorale
 from armodal.modalities.music.grid import JSB_HIGH, JSB_LOW, NUM_VOICES, grid_to_score, score_to_grid
 from armodal.modalities.music.midi_io import read_midi
@@ -603,6 +604,14 @@ class ChoraleTokenizer(JSBTokenizer):
         rel = ids - self.fermata0
         ferm = (rel >= 0) & (rel <= self.high - self.low)
         return torch.where(ferm, (rel + self.low).double(), plain)
+
+    # the grid's voice-leading rules, and phrase endings on a cadence (armodal.modalities.music.cadence)
+    style_rules = AVOID_RULES + ("cadences",)
+
+    def flagged_next(self, ids: torch.Tensor, rule: str) -> torch.Tensor:
+        if rule == "cadences":
+            return cadence_flags(self, ids.cpu()).to(ids.device)
+        return super().flagged_next(ids, rule)
 
     def body_start(self, ids: torch.Tensor) -> torch.Tensor:
         """[B] index of the first voice-step token (after ``[BOS] KEY METER POS``)."""

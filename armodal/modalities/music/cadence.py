@@ -1,0 +1,105 @@
+"""The decoding rule ``cadences`` of the chorale grid: close each phrase with a V-I or IV-I cadence.
+
+Bach ends about half of his phrases (the soprano notes under a fermata) with an authentic or plagal
+cadence in the phrase's key; a sampled chorale ends far fewer that way, because by the time the soprano
+writes its fermata the chord before is already there.  The rule says, token by token, which next tokens
+would break the cadence, with exactly the definition :func:`armodal.modalities.music.analysis.cadences`
+counts (the chord a quarter before the fermata chord, roots from music21), with the phrase's key read
+from the steps since the previous fermata up to the fermata chord (the count also weighs the fermata chord,
+which the rule makes the tonic triad):
+
+* **soprano**, at a step that would start a fermata (the step before has none): a fermata pitch is
+  flagged when the chord a quarter before (step ``s - 4``) is neither V with the leading tone nor IV of
+  the phrase's key, or when the pitch is not in the tonic triad (either third, so a Picardy ending
+  counts).  Plain pitches are never flagged: the phrase simply goes on.
+* **alto, tenor, bass** under a soprano that starts a fermata: pitches off the tonic triad are flagged
+  (for the bass: anything but the tonic, so the chord stands in root position) when the soprano itself
+  sits in the triad, and so is a rest (the chord sounds in all four voices); otherwise the ending cannot
+  be a cadence and nothing is flagged.
+
+``rule_penalty={cadences: nats}`` lowers those logits (:mod:`armodal.generation.processors`).  Everything
+is read from the tokens so far, so it is a decoding preference and not a feature of the model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from armodal.modalities.music.analysis import _pc_weights, _root, key_of
+from armodal.modalities.music.grid import NUM_VOICES
+
+__all__ = ["cadence_flags", "tonic_triad"]
+
+
+def tonic_triad(tonic: int) -> set[int]:
+    """Pitch classes of the tonic triad with either third (major or minor, a Picardy third included)."""
+    return {tonic % 12, (tonic + 3) % 12, (tonic + 4) % 12, (tonic + 7) % 12}
+
+
+def _cadential_before(chord: np.ndarray, tonic: int) -> bool:
+    """True when ``chord`` (4 pitches) is V holding the leading tone, or IV, of ``tonic`` (as counted)."""
+    if np.isnan(chord).any():
+        return False
+    pitches = tuple(int(p) for p in chord)
+    rb = _root(pitches)
+    pcs = {p % 12 for p in pitches}
+    return (rb == (tonic + 7) % 12 and (tonic + 11) % 12 in pcs) or rb == (tonic + 5) % 12
+
+
+def _one(grid: np.ndarray, fermata: np.ndarray, step: int, voice: int, low: int,
+         n_p: int) -> tuple[str, np.ndarray] | None:
+    """(which ids, bool [P] flags over pitches low..) for the next token of one sequence, or None."""
+    if step >= 1 and fermata[step - 1]:
+        return None  # inside a fermata run: the ending chord is already written
+    if voice > 0 and not fermata[step]:
+        return None
+    ends = np.flatnonzero(fermata[:step] & ~np.append(fermata[1:step], False)) if step else np.array([], int)
+    start = int(ends[-1]) + 1 if len(ends) else 0
+    key = key_of(_pc_weights(grid[start:step]).sum(0))  # the phrase so far, before the fermata chord
+    if key is None:
+        return None
+    tonic = key[0]
+    triad = tonic_triad(tonic)
+    pcs = np.arange(low, low + n_p) % 12
+    in_triad = np.isin(pcs, list(triad))
+    if voice == 0:
+        if step < 4 or not _cadential_before(grid[step - 4], tonic):
+            return "fermata", np.ones(len(pcs), dtype=bool)
+        return "fermata", ~in_triad
+    soprano = grid[step, 0]
+    if np.isnan(soprano) or int(soprano) % 12 not in triad:
+        return None
+    if voice == NUM_VOICES - 1:
+        return "pitch", pcs != tonic % 12
+    return "pitch", ~in_triad
+
+
+def cadence_flags(tok, ids: torch.Tensor) -> torch.Tensor:
+    """[B, t] ids of the chorale grid -> bool [B, V]: the next tokens that would keep the phrase ending
+    being written from a V-I / IV-I cadence in the phrase's key (see the module docstring)."""
+    b, t = ids.shape
+    n_p = tok.high - tok.low + 1
+    out = torch.zeros(b, tok.vocab_size, dtype=torch.bool)
+    starts = tok.body_start(ids).tolist()
+    pitch = tok.id_pitch(ids).numpy()
+    is_ferm = ((ids >= tok.fermata0) & (ids < tok.key0)).numpy()
+    for i in range(b):
+        step, voice = divmod(t - starts[i], NUM_VOICES)
+        if step < 0:
+            continue
+        cells = np.full((step + 1) * NUM_VOICES, np.nan)
+        known = pitch[i, starts[i] :]
+        cells[: len(known)] = known
+        fermata = np.zeros(step + 1, dtype=bool)
+        sop = is_ferm[i, starts[i] :: NUM_VOICES][: step + 1]
+        fermata[: len(sop)] = sop
+        got = _one(cells.reshape(-1, NUM_VOICES), fermata, step, voice, tok.low, n_p)
+        if got is None:
+            continue
+        which, flags = got
+        first = tok.fermata0 if which == "fermata" else tok.pitch0
+        out[i, first : first + n_p] = torch.from_numpy(flags)
+        if which == "pitch":
+            out[i, tok.rest_id] = True  # a cadence chord sounds in all four voices
+    return out.to(ids.device)
