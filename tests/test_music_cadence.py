@@ -141,3 +141,17 @@ def test_decoding_with_the_rule_and_refusals():
     with pytest.raises(UnsupportedSetting, match="rule_penalty.*style rules parallels, crossings, not 'cadences'"):
         tiny_model(JSBTokenizer(hold_types=8), max_seq_len=80).generate(
             config=GenerationConfig(rule_penalty={"cadences": 1}), max_new_tokens=8)
+
+
+def test_phrase_endings_mark_the_piano_roll():
+    """``analysis.phrase_endings`` lists each ending with its verdict (``cadences`` is its count); the chorale
+    sampler writes them above its piano rolls ("cad." where the ending is a counted cadence)."""
+    from armodal.modalities.music.analysis import phrase_endings
+    from armodal.modalities.music.sampler import _fermata_marks
+
+    tok = ChoraleTokenizer(hold_types=8)
+    good, bad = _phrase([I, IV, I, V, I]), _phrase([I, IV, I, ii, I])
+    assert phrase_endings(good) == [(16, True)] and phrase_endings(bad) == [(16, False)]
+    assert _fermata_marks(tok, tok.encode(good)) == [(4.0, "\u25bc cad.")]
+    assert _fermata_marks(tok, tok.encode(bad)) == [(4.0, "\u25bc")]
+    assert _fermata_marks(JSBTokenizer(hold_types=8), torch.tensor([1, 40, 40, 40, 40, 2])) is None

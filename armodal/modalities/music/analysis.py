@@ -53,6 +53,7 @@ __all__ = [
     "key_of",
     "sonorities",
     "cadences",
+    "phrase_endings",
 ]
 
 # the rates compared against Bach's (the issue's "within 25 %" targets)
@@ -155,30 +156,35 @@ def _root(pitches: tuple[int, ...]) -> int:
     return int(chord.Chord(list(pitches)).root().pitchClass)
 
 
-def cadences(ch: Chorale) -> tuple[int, int]:
-    """(phrase endings at fermatas, of which V-I or IV-I cadences in the phrase's key) of one chorale."""
+def phrase_endings(ch: Chorale) -> list[tuple[int, bool]]:
+    """[(first step of each run of soprano fermata steps, whether it is a V-I or IV-I cadence in the
+    phrase's key)] of one chorale."""
     f = np.asarray(ch.fermata, dtype=bool)
     if not f.any():
-        return 0, 0
+        return []
     starts = np.flatnonzero(f & ~np.concatenate([[False], f[:-1]]))
     ends = np.flatnonzero(f & ~np.concatenate([f[1:], [False]]))  # last step of each fermata run
     w = _pc_weights(ch.grid)
-    endings = hits = 0
+    out = []
     for i, s in enumerate(starts):
-        endings += 1
         phrase_key = key_of(w[(ends[i - 1] + 1 if i else 0) : ends[i] + 1].sum(0))
         end, before = ch.grid[s], ch.grid[s - 4] if s >= 4 else None
-        if before is None or phrase_key is None or np.isnan(end).any() or np.isnan(before).any():
-            continue
-        end_p, before_p = tuple(int(p) for p in end), tuple(int(p) for p in before)
-        r = _root(end_p)
-        if end_p[3] % 12 != r or r != phrase_key[0]:  # the phrase's tonic chord, in root position
-            continue
-        rb = _root(before_p)
-        pcs_before = {p % 12 for p in before_p}
-        if (rb == (r + 7) % 12 and (r + 11) % 12 in pcs_before) or rb == (r + 5) % 12:
-            hits += 1
-    return endings, hits
+        hit = False
+        if before is not None and phrase_key is not None and not np.isnan(end).any() and not np.isnan(before).any():
+            end_p, before_p = tuple(int(p) for p in end), tuple(int(p) for p in before)
+            r = _root(end_p)
+            if end_p[3] % 12 == r and r == phrase_key[0]:  # the phrase's tonic chord, in root position
+                rb = _root(before_p)
+                pcs_before = {p % 12 for p in before_p}
+                hit = (rb == (r + 7) % 12 and (r + 11) % 12 in pcs_before) or rb == (r + 5) % 12
+        out.append((int(s), bool(hit)))
+    return out
+
+
+def cadences(ch: Chorale) -> tuple[int, int]:
+    """(phrase endings at fermatas, of which V-I or IV-I cadences in the phrase's key) of one chorale."""
+    ends = phrase_endings(ch)
+    return len(ends), sum(hit for _, hit in ends)
 
 
 # ----------------------------------------------------------------------------- per piece and pooled

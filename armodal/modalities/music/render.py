@@ -37,8 +37,10 @@ def write_midi(score: Score, path: str | Path) -> Path:
     return path
 
 
-def piano_roll_png(score: Score, path: str | Path, title: str = "", labels: list[str] | None = None) -> Path:
-    """Piano roll: x in quarter notes, y in MIDI pitch, one colour per track."""
+def piano_roll_png(score: Score, path: str | Path, title: str = "", labels: list[str] | None = None,
+                   marks: list[tuple[float, str]] | None = None) -> Path:
+    """Piano roll: x in quarter notes, y in MIDI pitch, one colour per track; ``marks`` [(quarter, text)]
+    are written above the notes (the chorale sampler marks its fermatas, "cad." where one closes a cadence)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,7 +64,9 @@ def piano_roll_png(score: Score, path: str | Path, title: str = "", labels: list
         ax.plot([], [], color=colour, lw=6, label=label)
         pitches.extend(notes["pitch"].tolist())
     if pitches:
-        ax.set_ylim(min(pitches) - 2, max(pitches) + 2)
+        ax.set_ylim(min(pitches) - 2, max(pitches) + 2 + (4 if marks else 0))
+        for x, text in marks or ():
+            ax.text(x, max(pitches) + 3, text, fontsize=7, ha="left", va="bottom", color="0.2")
     ax.set_xlim(0, end)
     for q in np.arange(0, end + 1e-9, 4):  # a faint line every 4 quarters (a 4/4 bar)
         ax.axvline(q, color="0.85", lw=0.6, zorder=0)

@@ -141,7 +141,8 @@ class MusicSampler(Sampler):
             mid = write_midi(score, out_dir / f"sample_{i:02d}.mid")
             midis.append(str(mid))
             title = f"sample {i}: {notes[-1]} notes, {len(ids)} tokens" + (f" ({label})" if label else "")
-            images.append(str(piano_roll_png(score, out_dir / f"sample_{i:02d}.png", title=title)))
+            images.append(str(piano_roll_png(score, out_dir / f"sample_{i:02d}.png", title=title,
+                                             marks=_fermata_marks(tok, ids))))
             if self.audio:
                 wav = render_wav(mid, out_dir / f"sample_{i:02d}.wav")
                 if wav is not None:
@@ -154,3 +155,13 @@ class MusicSampler(Sampler):
             summary["audio_note"] = AUDIO_HINT
             print(f"[music] {AUDIO_HINT}")
         return summary
+
+
+def _fermata_marks(tok, ids: torch.Tensor) -> list[tuple[float, str]] | None:
+    """[(quarter, text)] for each phrase ending of a chorale-grid sample: a fermata sign, "cad." when the
+    ending is a V-I / IV-I cadence as the chorale metrics count it; None for a tokenizer without fermatas."""
+    if not hasattr(tok, "fermata0"):
+        return None
+    from armodal.modalities.music.analysis import phrase_endings
+
+    return [(s / 4, "\u25bc cad." if hit else "\u25bc") for s, hit in phrase_endings(tok.decode(ids))]
