@@ -155,3 +155,54 @@ def test_phrase_endings_mark_the_piano_roll():
     assert _fermata_marks(tok, tok.encode(good)) == [(4.0, "\u25bc cad.")]
     assert _fermata_marks(tok, tok.encode(bad)) == [(4.0, "\u25bc")]
     assert _fermata_marks(JSBTokenizer(hold_types=8), torch.tensor([1, 40, 40, 40, 40, 2])) is None
+
+
+def test_harmonisation_looks_a_quarter_ahead_to_the_melody_fermata():
+    """With the melody known, the chord a quarter before each of its fermatas (on the tonic triad) is asked
+    to be V (the soprano on B: bass G, the others in G-B-D-F) or IV (soprano on A: bass F, the others in
+    F-A-A♭-C); a soprano in neither, or no fermata ahead, asks nothing; free sampling never looks ahead.
+    ``harmonize`` hands its melody to the rule."""
+    from armodal.modalities.music import cadence
+    from armodal.modalities.music.harmonize import harmonize, melody_from_chorale
+
+    tok = ChoraleTokenizer(hold_types=8)
+    pitches = set(range(tok.low, tok.high + 1))
+
+    def ahead(ch: Chorale, step: int, voice: int) -> set[int]:
+        ids = tok.encode(ch)[None]
+        p = int(tok.body_start(ids)) + 4 * step + voice
+        f = cadence.cadence_flags(tok, ids[:, :p], melody=melody_from_chorale(ch))[0]
+        assert not f[tok.fermata0 :].any()
+        return {tok.low + i for i in torch.nonzero(f[tok.pitch0 : tok.fermata0]).flatten().tolist()}
+
+    good = _phrase([I, IV, I, V, I])
+    assert ahead(good, 12, 3) == {p for p in pitches if p % 12 != 7}
+    for voice in (1, 2):
+        assert ahead(good, 12, voice) == {p for p in pitches if p % 12 not in {7, 11, 2, 5}}
+    plagal = _phrase([I, V, I, (69, 65, 60, 53), I])  # soprano A a quarter before: IV
+    assert ahead(plagal, 12, 3) == {p for p in pitches if p % 12 != 5}
+    assert ahead(plagal, 12, 1) == {p for p in pitches if p % 12 not in {5, 8, 9, 0}}
+    assert ahead(_phrase([I, IV, I, (76, 67, 60, 48), I]), 12, 3) == set()  # soprano E: neither chord
+    assert ahead(good, 8, 3) == set()  # no fermata a quarter after step 8
+    free = tok.encode(good)[None]
+    p = int(tok.body_start(free)) + 4 * 12 + 3
+    assert not cadence.cadence_flags(tok, free[:, :p])[0].any()  # free sampling: the future is unknown
+
+    from armodal.generation import GenerationConfig
+    from tests.test_music_harmonize import tiny_model
+
+    seen = []
+    real = cadence.cadence_flags
+
+    def spy(tok_, ids, melody=None, offset=0):
+        seen.append(melody is not None)
+        return real(tok_, ids, melody=melody, offset=offset)
+
+    cadence.cadence_flags = spy
+    try:
+        out = harmonize(tiny_model(tok, max_seq_len=260), melody_from_chorale(good), True,
+                        GenerationConfig(seed=0, rule_penalty={"cadences": 3.0}), num_samples=2)
+    finally:
+        cadence.cadence_flags = real
+    assert seen and all(seen)
+    assert all(np.array_equal(tok.decode(o).grid[:, 0], good.grid[:, 0]) for o in out)

@@ -17,6 +17,10 @@ which the rule makes the tonic triad):
   sits in the triad, and so is a rest (the chord sounds in all four voices); otherwise the ending cannot
   be a cadence and nothing is flagged.
 
+* **harmonisation** (the melody and its fermatas given in advance, :func:`armodal.modalities.music.harmonize.harmonize`):
+  also a quarter *before* each fermata on the tonic triad, alto / tenor / bass off V (with its seventh) or IV
+  — whichever holds the soprano's note there — are flagged, the bass off that chord's root.
+
 ``rule_penalty={cadences: nats}`` lowers those logits (:mod:`armodal.generation.processors`).  Everything
 is read from the tokens so far, so it is a decoding preference and not a feature of the model.
 """
@@ -47,21 +51,48 @@ def _cadential_before(chord: np.ndarray, tonic: int) -> bool:
     return (rb == (tonic + 7) % 12 and (tonic + 11) % 12 in pcs) or rb == (tonic + 5) % 12
 
 
-def _one(grid: np.ndarray, fermata: np.ndarray, step: int, voice: int, low: int,
-         n_p: int) -> tuple[str, np.ndarray] | None:
-    """(which ids, bool [P] flags over pitches low..) for the next token of one sequence, or None."""
-    if step >= 1 and fermata[step - 1]:
-        return None  # inside a fermata run: the ending chord is already written
-    if voice > 0 and not fermata[step]:
-        return None
+def _phrase_tonic(grid: np.ndarray, fermata: np.ndarray, step: int) -> int | None:
+    """Tonic of the phrase's key: the steps since the previous fermata, up to (not with) ``step``."""
     ends = np.flatnonzero(fermata[:step] & ~np.append(fermata[1:step], False)) if step else np.array([], int)
     start = int(ends[-1]) + 1 if len(ends) else 0
-    key = key_of(_pc_weights(grid[start:step]).sum(0))  # the phrase so far, before the fermata chord
-    if key is None:
+    key = key_of(_pc_weights(grid[start:step]).sum(0))
+    return None if key is None else key[0]
+
+
+def _approach(grid: np.ndarray, fermata: np.ndarray, step: int, voice: int, pcs: np.ndarray,
+              soprano_then: float) -> np.ndarray | None:
+    """Harmonisation look-ahead: the melody puts a fermata a quarter after ``step`` with ``soprano_then``
+    on it.  Flags [P] for alto / tenor / bass at ``step`` that keep the chord from being V (root G in C, the
+    leading tone and a seventh allowed) or IV (root F), whichever the soprano at ``step`` belongs to."""
+    tonic = _phrase_tonic(grid, fermata, step)
+    soprano = grid[step, 0]
+    if tonic is None or np.isnan(soprano) or np.isnan(soprano_then) or int(soprano_then) % 12 not in tonic_triad(tonic):
         return None
-    tonic = key[0]
-    triad = tonic_triad(tonic)
+    chords = (((tonic + 7) % 12, {(tonic + k) % 12 for k in (7, 11, 2, 5)}),  # V(7)
+              ((tonic + 5) % 12, {(tonic + k) % 12 for k in (5, 8, 9, 0)}))  # IV (iv)
+    for root, tones in chords:
+        if int(soprano) % 12 in tones:
+            return pcs != root if voice == NUM_VOICES - 1 else ~np.isin(pcs, list(tones))
+    return None
+
+
+def _one(grid: np.ndarray, fermata: np.ndarray, step: int, voice: int, low: int, n_p: int,
+         ahead: tuple[bool, float] | None = None) -> tuple[str, np.ndarray] | None:
+    """(which ids, bool [P] flags over pitches low..) for the next token of one sequence, or None.
+    ``ahead``: (a fermata run starts a quarter after ``step``, the soprano pitch there), when the melody is
+    known in advance (harmonisation)."""
+    if step >= 1 and fermata[step - 1]:
+        return None  # inside a fermata run: the ending chord is already written
     pcs = np.arange(low, low + n_p) % 12
+    if voice > 0 and not fermata[step]:
+        if ahead is not None and ahead[0]:
+            flags = _approach(grid, fermata, step, voice, pcs, ahead[1])
+            return None if flags is None else ("pitch", flags)
+        return None
+    tonic = _phrase_tonic(grid, fermata, step)  # the phrase so far, before the fermata chord
+    if tonic is None:
+        return None
+    triad = tonic_triad(tonic)
     in_triad = np.isin(pcs, list(triad))
     if voice == 0:
         if step < 4 or not _cadential_before(grid[step - 4], tonic):
@@ -75,9 +106,13 @@ def _one(grid: np.ndarray, fermata: np.ndarray, step: int, voice: int, low: int,
     return "pitch", ~in_triad
 
 
-def cadence_flags(tok, ids: torch.Tensor) -> torch.Tensor:
+def cadence_flags(tok, ids: torch.Tensor, melody=None, offset: int = 0) -> torch.Tensor:
     """[B, t] ids of the chorale grid -> bool [B, V]: the next tokens that would keep the phrase ending
-    being written from a V-I / IV-I cadence in the phrase's key (see the module docstring)."""
+    being written from a V-I / IV-I cadence in the phrase's key (see the module docstring).
+
+    ``melody`` (a :class:`Chorale` whose soprano and fermatas are given, harmonisation): the rule also
+    looks a quarter ahead and asks the chord before each of the melody's fermatas to be V or IV;
+    ``offset``: the melody step of the sequence's first step (a later harmonisation window)."""
     b, t = ids.shape
     n_p = tok.high - tok.low + 1
     out = torch.zeros(b, tok.vocab_size, dtype=torch.bool)
@@ -94,7 +129,12 @@ def cadence_flags(tok, ids: torch.Tensor) -> torch.Tensor:
         fermata = np.zeros(step + 1, dtype=bool)
         sop = is_ferm[i, starts[i] :: NUM_VOICES][: step + 1]
         fermata[: len(sop)] = sop
-        got = _one(cells.reshape(-1, NUM_VOICES), fermata, step, voice, tok.low, n_p)
+        ahead = None
+        if melody is not None:
+            m = offset + step + 4  # the melody step a quarter ahead
+            mf = np.asarray(melody.fermata, dtype=bool)
+            ahead = (bool(m < len(mf) and mf[m] and not mf[m - 1]), float(melody.grid[m, 0]) if m < len(mf) else np.nan)
+        got = _one(cells.reshape(-1, NUM_VOICES), fermata, step, voice, tok.low, n_p, ahead)
         if got is None:
             continue
         which, flags = got

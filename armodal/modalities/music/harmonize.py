@@ -13,7 +13,9 @@ fermatas, so there the soprano may take the pitch with or without one), alto,
 tenor and bass are free.  :func:`harmonize` decodes with that mask ANDed with the
 tokenizer's grammar, window by window when the melody is longer than the model's
 context (each next window restarts from the last ``context_steps`` steps already
-written).  The soprano of every result equals the melody exactly.
+written).  The soprano of every result equals the melody exactly.  With ``rule_penalty`` naming
+``cadences`` and the melody's fermatas known, the rule also sees the melody a quarter ahead
+(:func:`armodal.modalities.music.cadence.cadence_flags`): the chord before each fermata is asked to be V or IV.
 """
 
 from __future__ import annotations
@@ -282,7 +284,16 @@ def harmonize(model: "ARModel", melody: Chorale, fermatas_known: bool, config=No
             row = _table[min(ids.shape[1] - _plen, len(_table) - 1)].to(ids.device)[None].expand(ids.shape[0], -1)
             return row if base.allowed_fn is None else row & base.allowed_fn(ids)
 
-        rules = dataclasses.replace(base, allowed_fn=allowed)  # the style rules (rule_penalty) stay
+        flagged = base.flagged_fn
+        if flagged is not None and fermatas_known and "cadences" in (config.rule_penalty or {}):
+            from armodal.modalities.music.cadence import cadence_flags
+
+            def flagged(ids: torch.Tensor, rule: str, _ctx0=ctx0) -> torch.Tensor:  # the melody's fermatas ahead
+                if rule == "cadences":
+                    return cadence_flags(tok, ids.cpu(), melody=melody, offset=_ctx0).to(ids.device)
+                return base.flagged_fn(ids, rule)
+
+        rules = dataclasses.replace(base, allowed_fn=allowed, flagged_fn=flagged)  # the style rules stay
         out = generate(model.net, prompt.to(model.device), config, tokens=rules,
                        max_new_tokens=NUM_VOICES * n_steps + (1 if last else 0), generator=generator)
         new = out.ids[:, plen : plen + NUM_VOICES * n_steps].cpu().reshape(num_samples, n_steps, NUM_VOICES)
