@@ -16,13 +16,13 @@ which the rule makes the tonic triad):
   (for the bass: anything but the tonic, so the chord stands in root position) when the soprano itself
   sits in the triad, and so is a rest (the chord sounds in all four voices); otherwise the ending cannot
   be a cadence and nothing is flagged.
-
 * **harmonisation** (the melody and its fermatas given in advance, :func:`armodal.modalities.music.harmonize.harmonize`):
   also a quarter *before* each fermata on the tonic triad, alto / tenor / bass off V (with its seventh) or IV
   — whichever holds the soprano's note there — are flagged, the bass off that chord's root.
 
 ``rule_penalty={cadences: nats}`` lowers those logits (:mod:`armodal.generation.processors`).  Everything
-is read from the tokens so far, so it is a decoding preference and not a feature of the model.
+is read from the tokens so far (and, in harmonisation, from the given melody), so it is a decoding preference and not
+a feature of the model: the NLL the model is scored by does not change.
 """
 
 from __future__ import annotations
