@@ -54,6 +54,7 @@ __all__ = [
     "sonorities",
     "cadences",
     "phrase_endings",
+    "cadential_approach",
 ]
 
 # the rates compared against Bach's (the issue's "within 25 %" targets)
@@ -156,6 +157,13 @@ def _root(pitches: tuple[int, ...]) -> int:
     return int(chord.Chord(list(pitches)).root().pitchClass)
 
 
+def cadential_approach(before: tuple[int, ...], tonic: int) -> bool:
+    """The chord before a cadence's final tonic: V holding the leading tone, or IV, of ``tonic``."""
+    rb = _root(before)
+    pcs = {p % 12 for p in before}
+    return (rb == (tonic + 7) % 12 and (tonic + 11) % 12 in pcs) or rb == (tonic + 5) % 12
+
+
 def phrase_endings(ch: Chorale) -> list[tuple[int, bool]]:
     """[(first step of each run of soprano fermata steps, whether it is a V-I or IV-I cadence in the
     phrase's key)] of one chorale."""
@@ -171,12 +179,10 @@ def phrase_endings(ch: Chorale) -> list[tuple[int, bool]]:
         end, before = ch.grid[s], ch.grid[s - 4] if s >= 4 else None
         hit = False
         if before is not None and phrase_key is not None and not np.isnan(end).any() and not np.isnan(before).any():
-            end_p, before_p = tuple(int(p) for p in end), tuple(int(p) for p in before)
+            end_p = tuple(int(p) for p in end)
             r = _root(end_p)
             if end_p[3] % 12 == r and r == phrase_key[0]:  # the phrase's tonic chord, in root position
-                rb = _root(before_p)
-                pcs_before = {p % 12 for p in before_p}
-                hit = (rb == (r + 7) % 12 and (r + 11) % 12 in pcs_before) or rb == (r + 5) % 12
+                hit = cadential_approach(tuple(int(p) for p in before), r)
         out.append((int(s), bool(hit)))
     return out
 

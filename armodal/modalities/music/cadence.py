@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from armodal.modalities.music.analysis import _pc_weights, _root, key_of
+from armodal.modalities.music.analysis import _pc_weights, cadential_approach, key_of
 from armodal.modalities.music.grid import NUM_VOICES
 
 __all__ = ["cadence_flags", "tonic_triad"]
@@ -39,16 +39,6 @@ __all__ = ["cadence_flags", "tonic_triad"]
 def tonic_triad(tonic: int) -> set[int]:
     """Pitch classes of the tonic triad with either third (major or minor, a Picardy third included)."""
     return {tonic % 12, (tonic + 3) % 12, (tonic + 4) % 12, (tonic + 7) % 12}
-
-
-def _cadential_before(chord: np.ndarray, tonic: int) -> bool:
-    """True when ``chord`` (4 pitches) is V holding the leading tone, or IV, of ``tonic`` (as counted)."""
-    if np.isnan(chord).any():
-        return False
-    pitches = tuple(int(p) for p in chord)
-    rb = _root(pitches)
-    pcs = {p % 12 for p in pitches}
-    return (rb == (tonic + 7) % 12 and (tonic + 11) % 12 in pcs) or rb == (tonic + 5) % 12
 
 
 def _phrase_tonic(grid: np.ndarray, fermata: np.ndarray, step: int) -> int | None:
@@ -95,7 +85,8 @@ def _one(grid: np.ndarray, fermata: np.ndarray, step: int, voice: int, low: int,
     triad = tonic_triad(tonic)
     in_triad = np.isin(pcs, list(triad))
     if voice == 0:
-        if step < 4 or not _cadential_before(grid[step - 4], tonic):
+        before = grid[step - 4] if step >= 4 else None
+        if before is None or np.isnan(before).any() or not cadential_approach(tuple(int(p) for p in before), tonic):
             return "fermata", np.ones(len(pcs), dtype=bool)
         return "fermata", ~in_triad
     soprano = grid[step, 0]
@@ -119,6 +110,7 @@ def cadence_flags(tok, ids: torch.Tensor, melody=None, offset: int = 0) -> torch
     starts = tok.body_start(ids).tolist()
     pitch = tok.id_pitch(ids).numpy()
     is_ferm = ((ids >= tok.fermata0) & (ids < tok.key0)).numpy()
+    mf = None if melody is None else np.asarray(melody.fermata, dtype=bool)
     for i in range(b):
         step, voice = divmod(t - starts[i], NUM_VOICES)
         if step < 0:
@@ -130,9 +122,8 @@ def cadence_flags(tok, ids: torch.Tensor, melody=None, offset: int = 0) -> torch
         sop = is_ferm[i, starts[i] :: NUM_VOICES][: step + 1]
         fermata[: len(sop)] = sop
         ahead = None
-        if melody is not None:
+        if mf is not None:
             m = offset + step + 4  # the melody step a quarter ahead
-            mf = np.asarray(melody.fermata, dtype=bool)
             ahead = (bool(m < len(mf) and mf[m] and not mf[m - 1]), float(melody.grid[m, 0]) if m < len(mf) else np.nan)
         got = _one(cells.reshape(-1, NUM_VOICES), fermata, step, voice, tok.low, n_p, ahead)
         if got is None:
