@@ -86,9 +86,12 @@ class ARModel:
         num_samples: int = 1,
         generator: torch.Generator | None = None,
         stream=None,
+        on_probs=None,
         **overrides: Any,
     ) -> GenerationOutput:
         """Generate with the settings ``config`` (default :class:`GenerationConfig`), ``overrides`` applied.
+
+        ``stream`` / ``on_probs``: :func:`armodal.generation.generate`'s per-step callbacks.
 
         ``overrides`` are :class:`GenerationConfig` fields (``strategy="beam", num_beams=4``);
         ``num_samples`` rows per prompt come back (samples; beam: the best hypotheses).
@@ -108,7 +111,7 @@ class ARModel:
         draft = self._draft(config, cond) if config.strategy == "speculative" else None
         return generate(self.net, ids.to(self.device), config, prefix=prefix, uncond_prefix=uncond,
                         tokens=self.token_rules(config), num_return_sequences=num_samples, generator=generator,
-                        stream=stream, draft=draft)
+                        stream=stream, draft=draft, on_probs=on_probs)
 
     def token_rules(self, config: GenerationConfig) -> Tokens:
         """What the engine needs from the tokenizer: EOS / pad ids, the type stream, the grammar (if constrained),

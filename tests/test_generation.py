@@ -437,3 +437,34 @@ def test_static_cache_step_gives_the_same_tokens_for_every_strategy(strategy):
     fast.close()
     assert not m.has_caches
     assert torch.equal(out.ids, ref.ids)
+
+
+# ----------------------------------------------------------------------------- on_probs
+@pytest.mark.parametrize("kw", [dict(strategy="sample", top_k=7, temperature=0.8), dict(strategy="greedy"),
+                                dict(strategy="lookahead", lookahead_size=3),
+                                dict(strategy="speculative", num_draft=3, draft="other")], ids=lambda kw: kw["strategy"])
+def test_on_probs_sees_the_distribution_of_every_kept_token(kw):
+    """Every generated token gets one call, in order, with the ids before it and the processed distribution
+    of that position given exactly those ids (recomputed here from scratch)."""
+    m = model(0, init_std=0.5)
+    kw = dict(kw)
+    if kw.get("draft") == "other":
+        kw["draft"] = model(1, n_layer=1, init_std=0.5)
+    ids = torch.tensor([[3, 4, 5, 3, 4, 5, 3, 4], [1, 1, 2, 2, 1, 1, 2, 2]])
+    seen = []
+    out = generate(m, ids, max_new_tokens=14, generator=torch.Generator().manual_seed(0),
+                   on_probs=lambda seq, p: seen.append((seq.clone(), p.clone())), **kw)
+    assert [s.shape[1] for s, _ in seen] == list(range(8, 22))
+    cfg = GenerationConfig(temperature=0.0 if kw["strategy"] == "greedy" else kw.get("temperature", 1.0),
+                           top_k=kw.get("top_k", 0))  # the processors the strategy applied
+    for seq, p in seen:
+        assert torch.equal(seq, out.ids[:, : seq.shape[1]])
+        ref = process(m(seq)[:, -1], cfg)
+        want = ref.softmax(-1) if not cfg.is_greedy else torch.nn.functional.one_hot(ref.argmax(-1), 30).float()
+        torch.testing.assert_close(p, want, atol=1e-5, rtol=1e-4)
+        assert torch.allclose(p.sum(-1), torch.ones(2))
+
+
+def test_on_probs_is_refused_with_beam_search():
+    with pytest.raises(ValueError, match="on_probs.*beam"):
+        generate(model(0), torch.tensor([[1]]), strategy="beam", num_beams=2, max_new_tokens=3, on_probs=lambda s, p: None)

@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 import torch
 
 from armodal.generation.config import GenerationConfig
-from armodal.generation.processors import cfg_mix, process, sample
+from armodal.generation.processors import cfg_mix, probs, process, sample
 
 __all__ = ["Engine", "GenerationOutput", "Tokens", "generate", "seeded_generator", "weights_for"]
 
@@ -36,6 +36,7 @@ TypesFn = Callable[[torch.Tensor], "torch.Tensor | None"]  # ids [B, t] -> types
 AllowedFn = Callable[[torch.Tensor], "torch.Tensor | None"]  # ids [B, t] -> bool [B, V]
 FlaggedFn = Callable[[torch.Tensor, str], torch.Tensor]  # (ids [B, t], rule) -> bool [B, V]: tokens the rule flags next
 StreamFn = Callable[[int, torch.Tensor], None]  # (step, new ids [B]) -> None
+ProbsFn = Callable[[torch.Tensor, torch.Tensor], None]  # (ids so far [B, t], distribution of the next id [B, V]) -> None
 
 
 @dataclass
@@ -77,8 +78,10 @@ class Engine:
         uncond_prefix: torch.Tensor | None = None,
         decoder=None,
         compiled_widths: tuple[int, ...] = (1,),
+        on_probs: ProbsFn | None = None,
     ) -> None:
         self.net, self.config, self.tokens = net, config, tokens
+        self.on_probs = on_probs
         self.device = next(net.parameters()).device
         self.cfg = config.cfg_scale != 1.0
         if self.cfg and (prefix is None or uncond_prefix is None):
@@ -215,8 +218,12 @@ class Engine:
         return process(logits, cfg, prev, allowed, flagged)
 
     def choose(self, logits: torch.Tensor, seq: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """The next token [B] after ``seq``: argmax or a draw from the processed distribution."""
-        return sample(self.process(logits, seq), self.config, generator)
+        """The next token [B] after ``seq``: argmax or a draw from the processed distribution (which
+        ``on_probs``, when set, receives first)."""
+        processed = self.process(logits, seq)
+        if self.on_probs is not None:
+            self.on_probs(seq, probs(processed, self.config))
+        return sample(processed, self.config, generator)
 
 
 # ----------------------------------------------------------------------------- front door
@@ -251,6 +258,7 @@ def generate(
     draft=None,
     decoder=None,
     use_cache: bool = True,
+    on_probs: ProbsFn | None = None,
     **overrides,
 ) -> GenerationOutput:
     """Decode with the strategy ``config.strategy`` (overrides: any :class:`GenerationConfig` field).
@@ -261,6 +269,10 @@ def generate(
     * ``decoder``: a :class:`~armodal.generation.fast.FastDecoder` to use for this net
       (else ``config.compile`` decides; see :func:`armodal.generation.fast.decoder_for`).
     * ``use_cache=False``: the uncached reference loop (``sample`` / ``greedy`` only).
+    * ``on_probs(ids, p)``: called at every step with the ids so far [B, t] and the processed
+      distribution [B, V] the next id comes from (for ``speculative`` / ``lookahead``: the target's
+      distribution at each kept position, of which the verified token is an exact draw; not ``beam``) --
+      e.g. to average a function of the next token exactly instead of over the draw (Rao-Blackwellised).
     * ``generator``: else one seeded from ``config.seed``, else torch's global RNG.
     * ``config.quantize``: the target (and the draft) decode with a quantised copy of their weights
       (:func:`weights_for`); ``net`` itself is never modified.
@@ -283,16 +295,21 @@ def generate(
     strategy = config.strategy
     if not use_cache and strategy not in ("sample", "greedy"):
         raise ValueError(f"use_cache=False is the reference loop of sample/greedy, not of strategy={strategy}")
+    if on_probs is not None and strategy == "beam":
+        raise ValueError("on_probs sees the distribution each kept token was drawn from; beam search keeps "
+                         "hypotheses, not draws (use it with sample, greedy, speculative or lookahead)")
     if decoder is None and use_cache and use_compile(config, ids.device, strategy):
         decoder = decoder_for(net)
     engine = Engine(net, config, tokens, prefix=prefix, uncond_prefix=uncond_prefix, decoder=decoder,
-                    compiled_widths=_compiled_widths(config))
+                    compiled_widths=_compiled_widths(config), on_probs=on_probs)
     max_new = _max_new(net, config, ids, engine.prefix_len)
     run = dict(max_new=max_new, generator=generator, stream=stream)
     if strategy == "beam":
         return beam.beam_search(engine, ids, num_return=num_return_sequences, **run)
     # deterministic strategies decode each prompt once and repeat the rows
     reps, n = (num_return_sequences, 1) if _deterministic(config) else (1, num_return_sequences)
+    if on_probs is not None and reps > 1:  # the observer sees the rows of the output
+        engine.on_probs = lambda seq, p: on_probs(seq.repeat_interleave(reps, 0), p.repeat_interleave(reps, 0))
     if strategy in ("sample", "greedy"):
         out = sampling.decode(engine, ids, num_return=n, use_cache=use_cache, **run)
     elif strategy == "speculative":

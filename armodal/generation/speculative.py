@@ -192,7 +192,9 @@ def verify_loop(
             live = ~rows.finished
             m = int(counts[live].min()) if bool(live.any()) else 1
             m = min(m, max_new - new)
-            for j in range(m):
+            for j in range(m):  # ps[:, j] is token t + j's distribution given the kept tokens (j <= n_acc)
+                if target.on_probs is not None:
+                    target.on_probs(rows.seq, ps[:, j])
                 rows.append(out[:, j])
             proposed += kk * int(live.sum())
             accepted += int(n_acc[live].clamp(max=kk).sum())

@@ -16,6 +16,7 @@ from armodal.modalities.spatial.geometry import morans_i, neighbour_graph
 from armodal.modalities.spatial.io import SpatialDataError
 from armodal.modalities.spatial.predict import (
     HISTOGENE_PCC,
+    POINT_ESTIMATES,
     REG2ST_PCC,
     check_settings,
     interval_coverage,
@@ -76,9 +77,13 @@ class SpatialEvaluator:
     """
 
     def __init__(self, generation=None, noise: bool = True, write_outputs: bool = True, n_plot_genes: int = 4,
-                 robustness: list[str] | tuple[str, ...] = ("low", "medium", "high"), robustness_seed: int = 0) -> None:
+                 robustness: list[str] | tuple[str, ...] = ("low", "medium", "high"), robustness_seed: int = 0,
+                 point: str = "rao_blackwell") -> None:
         from armodal.modalities.spatial.stain import STAIN_STRENGTHS  # noqa: PLC0415
 
+        if point not in POINT_ESTIMATES:
+            raise ValueError(f"evaluator.point={point!r}: known point predictions are {sorted(POINT_ESTIMATES)}")
+        self.point = point
         self.generation = GenerationConfig.from_dict(generation or {"seed": 0}, source="SpatialEvaluator generation")
         self.noise, self.write_outputs, self.n_plot_genes = noise, write_outputs, n_plot_genes
         bad = [r for r in (robustness or []) if r not in STAIN_STRENGTHS]
@@ -95,12 +100,16 @@ class SpatialEvaluator:
         if s is None:
             raise SpatialDataError("spatial evaluation needs data.test_section=<held-out section>")
         t0 = time.time()
-        samples, mean, pinfo = predict_section(model, dm, s, num_samples, config, noise=self.noise, with_info=True)
+        samples, mean, pinfo = predict_section(model, dm, s, num_samples, config, noise=self.noise, with_info=True,
+                                               point=self.point)
         y = dm.expr[s]
         hvg = _train_hvg_index(dm)
         out: dict = {"test_section": s, "num_samples": int(num_samples), "n_genes": len(dm.genes),
                      "n_spots": int(len(y)), "features": dm.extractor.info | {"ssl_loss": None}}
         out.update(summarise(mean, y, hvg, prefix="ar_"))
+        out["ar_point"] = self.point
+        for name in POINT_ESTIMATES:  # both point predictions of the same draws, side by side
+            out[f"ar_pcc_mean_{name}"] = float(np.nanmean(pearson_per_gene(pinfo[f"point_{name}"], y)))
         out["ar_pcc_mean_of_noisy_samples"] = float(np.nanmean(pearson_per_gene(samples.mean(1), y)))
         out["ar_coverage90"] = interval_coverage(samples, y, 0.9)
         out["ar_coverage50"] = interval_coverage(samples, y, 0.5)
@@ -122,7 +131,7 @@ class SpatialEvaluator:
             t1 = time.time()
             pert = (strength, self.robustness_seed)
             fp = section_features(model, dm, s, perturb=pert)
-            _, mean_p = predict_section(model, dm, s, num_samples, config, noise=self.noise, feats=fp)
+            _, mean_p = predict_section(model, dm, s, num_samples, config, noise=self.noise, feats=fp, point=self.point)
             pcc_p = float(np.nanmean(pearson_per_gene(mean_p, y)))
             fr = fp if fp.dim() == 2 else dm.extractor.features(s, lambda: dm.section_patches(s), list(dm.adatas[s].obs_names),
                                                                   image=lambda: dm.section_image(s), perturb=pert, cache=False)[0]

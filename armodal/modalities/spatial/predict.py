@@ -15,9 +15,10 @@ import torch
 from armodal.generation import GenerationConfig, generate, seeded_generator, unsupported
 from armodal.modalities.spatial.data import neighbourhoods
 from armodal.modalities.spatial.geometry import spot_spacing
-from armodal.modalities.spatial.window import sample_windows
+from armodal.modalities.spatial.window import LatentMean, sample_windows
 
 __all__ = [
+    "POINT_ESTIMATES",
     "check_settings",
     "predict_expression",
     "sequence_layout",
@@ -46,6 +47,13 @@ HISTOGENE_RECIPE = ("HisToGene's public code, run on these folds: trained 1000 e
 # Reg2ST (published): leave-one-section-out over 32 her2st sections, i.e. trained on 31 sections of 8 patients.
 REG2ST_PCC = {"C2": 0.159, "C3": 0.236, "C4": 0.237, "C5": 0.240}
 
+
+# the point prediction of a spot: the mean over its K samples of ...
+POINT_ESTIMATES = {
+    "rao_blackwell": "each sample's expected decoded value given the tokens drawn before each code (exact over each "
+                     "code's distribution: same expectation as the drawn codes, less Monte-Carlo noise)",
+    "samples": "the K drawn codes decoded (each clipped at 0), the plain Monte-Carlo mean",
+}
 
 _NOT_SAMPLES = ("the prediction is the mean of K samples and the interval their spread; {} gives K identical "
                 "(or K most likely) sequences, not samples from the model")
@@ -80,7 +88,8 @@ def sample_section(
     noise: bool = True,
     spots_per_batch: int = 32,
     return_clean: bool = False,
-) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    latent: bool = False,
+):
     """K samples of every spot's expression -> [n, K, G] (log1p), decoded with the settings ``config``.
 
     The decoder (``model``, an :class:`~armodal.ar_model.ARModel`) sees only the H&E prefix
@@ -90,6 +99,8 @@ def sample_section(
     the same K samples decoded without it [n, K, G], whose mean is the Rao-Blackwellised
     point prediction (the residual has ~zero mean, so averaging it in only adds
     Monte-Carlo noise to the mean).  ``config.seed`` seeds both the tokens and the residuals.
+    ``latent`` additionally returns each sample's Rao-Blackwellised latent [n, K, D]
+    (:class:`~.window.LatentMean`): returns ``(samples, clean, latent)`` then.
     """
     tok = model.tokenizer
     tps = tok.tokens_per_spot
@@ -99,16 +110,24 @@ def sample_section(
     generator = seeded_generator(config, model.device)
     rng = np.random.default_rng(config.seed)
     out = np.empty((n, num_samples, tok.n_genes), np.float32)
-    clean = np.empty_like(out) if return_clean else None
+    clean = np.empty_like(out) if return_clean or latent else None
+    values = torch.from_numpy(tok.slot_values()).to(model.device) if latent else None  # [tps, V, D]
+    zs = np.empty((n, num_samples, values.shape[-1]), np.float32) if latent else None
     for a in range(0, n, spots_per_batch):
         b = min(n, a + spots_per_batch)
+        start = 0 if tok.bos_id is None else 1
+        acc = LatentMean(values, lambda t: (0, t), (b - a) * num_samples, 1, start=start) if latent else None
         res = model.generate(cond={k: v[a:b].to(model.device) for k, v in cond.items()}, config=config,
-                             num_samples=num_samples, generator=generator)
+                             num_samples=num_samples, generator=generator, on_probs=acc)
         ids = res.ids[:, -tps:]  # [(b-a)*K, tps], samples of one spot are adjacent
+        if latent:
+            zs[a:b] = acc.z[:, 0].cpu().numpy().reshape(b - a, num_samples, -1)
         x = tok.decode_batch(ids, noise=noise, generator=rng)  # [(b-a)*K, 1, G]
         out[a:b] = x.reshape(b - a, num_samples, -1)
         if clean is not None:
             clean[a:b] = tok.decode_batch(ids, noise=False).reshape(b - a, num_samples, -1)
+    if latent:
+        return out, clean, zs
     return (out, clean) if return_clean else out
 
 
@@ -123,14 +142,14 @@ def _engine(model, config: GenerationConfig, generator: torch.Generator | None):
     """The decoding engine as ``run(prefix, max_new_tokens, types_fn, k) -> ids [b*k, max_new_tokens]`` (the
     ``generate_fn`` of :func:`~.window.sample_windows`), with the settings ``config`` and the model's token rules."""
 
-    def run(prefix, max_new, types_fn, k):
+    def run(prefix, max_new, types_fn, k, on_probs=None):
         def typed(seq):  # the k rows of a window share its types: serve any number of rows per window
             per = types_fn(seq)[::k]  # [b, t]
             return per.repeat_interleave(seq.shape[0] // per.shape[0], 0)
 
         tokens = dataclasses.replace(model.token_rules(config), types_fn=typed)
         res = generate(model.net, None, config.replace(max_new_tokens=max_new), prefix=prefix, tokens=tokens,
-                       generator=generator, num_return_sequences=k)
+                       generator=generator, num_return_sequences=k, on_probs=on_probs)
         return res.ids[:, -max_new:]
 
     return run
@@ -146,17 +165,21 @@ def predict_expression(
     config: GenerationConfig | None = None,
     *,
     noise: bool = True,
+    point: str = "rao_blackwell",
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """K samples of every spot's expression under the model's sequence ``layout`` (:func:`sequence_layout`),
     decoded with the settings ``config`` (:func:`check_settings`; ``config.seed`` seeds tokens and residuals).
 
     Returns (samples [n, K, G] log1p, each with a quantiser residual when ``noise``; point prediction
-    [n, G] = mean of the K samples decoded without it; info, whose ``clean_sample`` [n, G] is the first
-    sample decoded without the residual: one generated map).  Window layout: spot-by-spot generation
-    over overlapping windows, each spot's samples from its owner window (:func:`.window.sample_windows`);
-    per-spot layout: each spot's tokens from its 7-spot H&E neighbourhood.
+    [n, G] by ``point`` (:data:`POINT_ESTIMATES`); info, whose ``clean_sample`` [n, G] is the first
+    sample decoded without the residual: one generated map, and ``point_samples`` / ``point_rao_blackwell``
+    both point predictions of the same draws).  Window layout:
+    spot-by-spot generation over overlapping windows, each spot's samples from its owner window
+    (:func:`.window.sample_windows`); per-spot layout: each spot's tokens from its 7-spot H&E neighbourhood.
     """
     config = check_settings(config, layout)
+    if point not in POINT_ESTIMATES:
+        raise ValueError(f"point={point!r}: known point predictions are {sorted(POINT_ESTIMATES)}")
     tokenizer = model.tokenizer
     feats = torch.as_tensor(feats).float()
     xy = np.asarray(xy, np.float64)
@@ -165,17 +188,23 @@ def predict_expression(
         g = seeded_generator(config, model.device)
         codes, info = sample_windows(model.net, model.conditioner, tokenizer, feats, xy / spot_spacing(xy), num_samples,
                                      size=int(layout["window_size"]), order=layout["order"],
-                                     generate_fn=_engine(model, config, g), spot_key=layout.get("spot_key", "none"))
+                                     generate_fn=_engine(model, config, g), spot_key=layout.get("spot_key", "none"),
+                                     latent=True)
         n, k, q = codes.shape
         flat = (codes.reshape(-1, q) - 1).numpy()  # level-offset codes
         rng = np.random.default_rng(config.seed)
         noisy = tokenizer.decode_codes(flat, noise=noise, generator=rng).reshape(n, k, -1).astype(np.float32)
         clean = tokenizer.decode_codes(flat, noise=False).reshape(n, k, -1)
-        return noisy, clean.mean(1).astype(np.float32), {**info, "clean_sample": clean[:, 0].astype(np.float32)}
-    idx, off = neighbourhoods(xy, int(layout["neighbours"]))
-    cond = {"feats": feats[torch.as_tensor(idx)].flip(1), "pos": torch.as_tensor(off, dtype=torch.float32).flip(1)}
-    noisy, clean = sample_section(model, cond, num_samples, config, noise=noise, return_clean=True)
-    return noisy, clean.mean(1), {"clean_sample": clean[:, 0]}
+        z = info.pop("latent").numpy()
+    else:
+        idx, off = neighbourhoods(xy, int(layout["neighbours"]))
+        cond = {"feats": feats[torch.as_tensor(idx)].flip(1), "pos": torch.as_tensor(off, dtype=torch.float32).flip(1)}
+        noisy, clean, z = sample_section(model, cond, num_samples, config, noise=noise, latent=True)
+        info = {}
+    means = {"samples": clean.mean(1).astype(np.float32),  # every strategy check_settings admits shows the
+             "rao_blackwell": tokenizer.decode_latent(z.mean(1)).astype(np.float32)}  # per-token distributions
+    info |= {"clean_sample": clean[:, 0].astype(np.float32), **{f"point_{k}": v for k, v in means.items()}}
+    return noisy, means[point], info
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -28,6 +28,7 @@ from armodal.modalities.spatial.predict import (
     pearson_per_gene,
     check_settings,
     plot_maps,
+    POINT_ESTIMATES,
     predict_expression,
     prediction_adata,
     sequence_layout,
@@ -80,7 +81,7 @@ def section_features(model, dm: SpatialDataModule, section: str, perturb: tuple 
 
 
 def predict_section(model, dm: SpatialDataModule, section: str, num_samples: int, config: GenerationConfig | None = None,
-                    *, noise: bool = True, feats=None, with_info: bool = False,
+                    *, noise: bool = True, feats=None, with_info: bool = False, point: str = "rao_blackwell",
                     ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, dict]:
     """(samples [n_spots, K, G] with the quantiser residual, point prediction [n_spots, G] = mean of the
     K code samples decoded without it), sampled with the settings ``config``; checks the model's gene panel
@@ -94,7 +95,7 @@ def predict_section(model, dm: SpatialDataModule, section: str, num_samples: int
               "spot_key": dm.spot_key}
     feats = section_features(model, dm, section) if feats is None else feats
     noisy, mean, info = predict_expression(model, feats, np.asarray(dm.adatas[section].obsm["spatial"]), num_samples,
-                                           layout, config, noise=noise)
+                                           layout, config, noise=noise, point=point)
     return (noisy, mean, info) if with_info else (noisy, mean)
 
 
@@ -115,10 +116,12 @@ class SpatialSampler(Sampler):
     def __init__(self, data: Any, section: str | None = None, genes: list[str] | None = None, generation=None,
                  noise: bool = True, n_plot_genes: int = 4, image: str | None = None, spots: str | None = None,
                  um_per_px: float | None = None, spot_um: float | None = None, visium: str | None = None,
-                 h5ad: str | None = None) -> None:
+                 h5ad: str | None = None, point: str = "rao_blackwell") -> None:
         super().__init__(generation)
+        if point not in POINT_ESTIMATES:
+            raise ValueError(f"sampler.point={point!r}: known point predictions are {sorted(POINT_ESTIMATES)}")
         self.data, self.section, self.genes = data, section, genes
-        self.noise, self.n_plot_genes = noise, n_plot_genes
+        self.noise, self.n_plot_genes, self.point = noise, n_plot_genes, point
         self.slide = dict(zip(SLIDE_INPUTS, (image, spots, um_per_px, spot_um, visium, h5ad)))
 
     def __call__(self, model, num_samples: int, out_dir: str | Path, config: GenerationConfig | None = None,
@@ -129,10 +132,11 @@ class SpatialSampler(Sampler):
         slide = {k: inputs.get(k, v) for k, v in self.slide.items()}
         if any(slide[k] is not None for k in ("image", "spots", "visium", "h5ad")):
             return predict_new_slide(model, out_dir, max(int(num_samples), 2), config, genes=self.genes,
-                                     n_plot_genes=self.n_plot_genes, noise=self.noise, **slide)
+                                     n_plot_genes=self.n_plot_genes, noise=self.noise, point=self.point, **slide)
         dm, section = _datamodule(self.data, inputs.get("section") or self.section)
         t0 = time.time()
-        samples, mean = predict_section(model, dm, section, max(int(num_samples), 2), config, noise=self.noise)
+        samples, mean = predict_section(model, dm, section, max(int(num_samples), 2), config, noise=self.noise,
+                                        point=self.point)
         measured = dm.expr[section]
         pred = prediction_adata(dm.adatas[section], dm.genes, samples, measured, mean=mean)
         h5 = out_dir / f"{section}_pred.h5ad"
@@ -148,7 +152,7 @@ class SpatialSampler(Sampler):
 
 def predict_new_slide(model, out_dir: str | Path, num_samples: int, config: GenerationConfig | None = None, *,
                       genes: list[str] | None = None, n_plot_genes: int = 4, noise: bool = True,
-                      image=None, spots=None, um_per_px=None, spot_um=None, visium=None, h5ad=None) -> dict:
+                      point: str = "rao_blackwell", image=None, spots=None, um_per_px=None, spot_um=None, visium=None, h5ad=None) -> dict:
     """Expression maps for a slide without counts: ``<name>_pred.h5ad`` (X = mean of K; layers std, q05,
     q95) and ``<name>_maps.png`` (predicted and std over the H&E), featurised by the model's saved encoder
     and sampled with the settings ``config`` (:func:`~.predict.check_settings`: refused ones are named)."""
@@ -177,7 +181,7 @@ def predict_new_slide(model, out_dir: str | Path, num_samples: int, config: Gene
     else:
         feats = enc.features(name, patches, list(section.obs_names), image=hires, cache=False)[0]
     noisy, mean, info = predict_expression(model, feats, np.asarray(section.obsm["spatial"]), num_samples, layout,
-                                           config, noise=noise)
+                                           config, noise=noise, point=point)
     pred = prediction_adata(section, list(model.tokenizer.genes), noisy, None, mean=mean)
     if "clean_sample" in info:  # one generated map (a sample's codes, no quantiser residual), beside the mean
         pred.layers["generated"] = np.asarray(info["clean_sample"], np.float32)

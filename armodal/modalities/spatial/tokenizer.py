@@ -104,6 +104,13 @@ class ExpressionTokenizer(Tokenizer):
     def decode_codes(self, codes: np.ndarray, noise: bool, generator) -> np.ndarray:  # [N, tps] -> [N, G]
         raise NotImplementedError
 
+    # decoding is additive: a spot's expression = decode_latent(sum over its slots of slot_values(slot)[id])
+    def slot_values(self) -> np.ndarray:  # [tps, vocab, D]: each id's latent contribution at each slot of a spot
+        raise NotImplementedError
+
+    def decode_latent(self, z: np.ndarray, clip: bool = True) -> np.ndarray:  # [N, D] -> [N, G]
+        raise NotImplementedError
+
 
 # ----------------------------------------------------------------------------- residual VQ
 @register_tokenizer("spatial.rvq")
@@ -236,11 +243,26 @@ class RVQExpressionTokenizer(ExpressionTokenizer):
         z = np.zeros((len(codes), self.codebooks.shape[2]), np.float32)
         for q in range(codes.shape[1]):
             z += self.codebooks[q][codes[:, q]]
+        if not noise:
+            return self.decode_latent(z, clip)
+        g = generator or np.random.default_rng()
+        z = (z @ self.proj if self.proj is not None else z) + self.residuals[g.integers(0, len(self.residuals), len(z))]
+        x = z * self.std + self.mean
+        return np.maximum(x, 0.0) if clip else x
+
+    def slot_values(self):
+        """[Q, vocab, D]: level q's id ``1 + q * K + c`` contributes codebook entry c (every other id 0)."""
+        q, k, d = self.codebooks.shape
+        out = np.zeros((q, self.vocab_size, d), np.float32)
+        for lv in range(q):
+            out[lv, 1 + lv * k: 1 + (lv + 1) * k] = self.codebooks[lv]
+        return out
+
+    def decode_latent(self, z, clip: bool = True):
+        """Summed codebook entries [N, D] (PCA coordinates) -> expression [N, G] (log1p; >= 0 with ``clip``)."""
+        z = np.asarray(z, np.float32)
         if self.proj is not None:
             z = z @ self.proj  # PCA coordinates -> standardised genes
-        if noise:
-            g = generator or np.random.default_rng()
-            z = z + self.residuals[g.integers(0, len(self.residuals), len(z))]
         x = z * self.std + self.mean
         return np.maximum(x, 0.0) if clip else x
 
@@ -347,6 +369,17 @@ class BinnedExpressionTokenizer(ExpressionTokenizer):
     def decode_codes(self, codes, noise=False, generator=None):
         codes = np.asarray(codes)
         return self.centres[np.arange(codes.shape[1])[None], codes]
+
+    def slot_values(self):
+        """[G, vocab, G]: gene j's id ``1 + bin`` puts the bin's centre on coordinate j."""
+        g = self.n_genes
+        out = np.zeros((g, self.vocab_size, g), np.float32)
+        out[np.arange(g), 1:, np.arange(g)] = self.centres
+        return out
+
+    def decode_latent(self, z, clip: bool = True):
+        z = np.asarray(z, np.float32)
+        return np.maximum(z, 0.0) if clip else z
 
     def types(self, ids: torch.Tensor) -> torch.Tensor:
         t = ids.shape[-1]

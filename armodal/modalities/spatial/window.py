@@ -124,6 +124,7 @@ def sample_windows(
     generate_fn,
     windows_per_batch: int | None = None,
     spot_key: str = "none",
+    latent: bool = False,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """K sampled spot ids of every spot -> ([N, K, Q], info).
 
@@ -131,7 +132,9 @@ def sample_windows(
     runs the decoding engine (prefill of the H&E prefix, then one token at a time with the KV
     cache); windows of one batch are decoded together, K rows each (default: as many windows as fit
     in 4096 rows -- the per-token step cost is mostly fixed, so wide batches are cheaper).  Each spot's
-    samples come from its owner window.
+    samples come from its owner window.  ``latent``: ``generate_fn`` also gets ``on_probs=`` (the engine's
+    per-step distribution) and ``info["latent"]`` [N, K, D] holds, per sample, the sum over the spot's code
+    levels of the *expected* codebook entry given the tokens before it (:class:`~.predict.LatentMean`).
     """
     net.eval()
     conditioner.eval()
@@ -142,6 +145,8 @@ def sample_windows(
     windows_per_batch = windows_per_batch or max(1, 4096 // max(1, num_samples))
     out = torch.zeros((n, num_samples, q), dtype=torch.long)
     filled = torch.zeros(n, dtype=torch.long)
+    values = torch.from_numpy(tokenizer.slot_values()).to(dev) if latent else None  # [Q, V, D]
+    z_all = torch.zeros((n, num_samples, values.shape[-1])) if latent else None
     for a in range(0, len(cov.windows), windows_per_batch):
         rows = range(a, min(a + windows_per_batch, len(cov.windows)))
         lay = [window_layout(pos, cov.windows[w], order) for w in rows]
@@ -151,13 +156,43 @@ def sample_windows(
         dummy = torch.zeros(spots.shape + (q,), dtype=torch.long, device=dev)
         _, types = window_tokens(dummy, offs, tokenizer, spot_key)  # [b, T]
         types = types.repeat_interleave(num_samples, 0)  # rows of one window are adjacent
-        ids = generate_fn(prefix, types.shape[1], lambda seq: types[:, : seq.shape[1]], num_samples)  # [b*K, T]
+        types_fn = lambda seq: types[:, : seq.shape[1]]  # noqa: E731
+        if latent:
+            acc = LatentMean(values, lambda t: (t // (q + 1), t % (q + 1) - 1), types.shape[0], spots.shape[1])
+            ids = generate_fn(prefix, types.shape[1], types_fn, num_samples, on_probs=acc)  # [b*K, T]
+            z = acc.z.to("cpu").reshape(len(rows), num_samples, spots.shape[1], -1)
+        else:
+            ids = generate_fn(prefix, types.shape[1], types_fn, num_samples)
         codes = window_codes(ids.to("cpu"), q).reshape(len(rows), num_samples, spots.shape[1], q)
         for i, w in enumerate(rows):
             own = cov.owner[spots[i]] == w  # [n_w]
             js = torch.as_tensor(spots[i][own])
             out[js] = codes[i][:, torch.as_tensor(own)].permute(1, 0, 2)
+            if latent:
+                z_all[js] = z[i][:, torch.as_tensor(own)].permute(1, 0, 2)
             filled[js] += 1
     if not bool((filled == 1).all()):
         raise RuntimeError(f"window cover predicted {int((filled != 1).sum())} spot(s) not exactly once")
-    return out, {"n_windows": int(len(cov.windows)), "window_size": int(cov.windows.shape[1])}
+    info = {"n_windows": int(len(cov.windows)), "window_size": int(cov.windows.shape[1])}
+    return out, info | ({"latent": z_all} if latent else {})
+
+
+class LatentMean:
+    """``on_probs`` observer of a decode call that Rao-Blackwellises a code sample's decoded value.
+
+    A spot's expression is ``decode_latent(sum over its slots of values[slot, id])`` (the tokenizer's
+    :meth:`slot_values`).  At each slot this adds ``E[values[slot, id] | tokens so far]`` -- the drawn
+    distribution times the value table -- instead of the value of the id drawn; by the tower property the
+    sum has the same expectation as the sampled sum, with less variance (the draw of each level only
+    enters through the later levels' context).  ``where(t) -> (spot, slot)`` maps the t-th generated
+    token to its spot and slot (slot < 0: a token with no value, e.g. a window's spot marker).
+    """
+
+    def __init__(self, values: torch.Tensor, where, rows: int, spots: int, start: int = 0) -> None:
+        self.values, self.where, self.start = values, where, start  # values [S, V, D]
+        self.z = torch.zeros((rows, spots, values.shape[-1]), device=values.device)
+
+    def __call__(self, seq: torch.Tensor, probs: torch.Tensor) -> None:
+        spot, slot = self.where(seq.shape[1] - self.start)
+        if slot >= 0:
+            self.z[:, spot] += probs.float() @ self.values[slot]
