@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,17 +156,28 @@ def settings_table(ckpt: Path) -> dict[str, list[tuple[object, dict, str]]]:
     }
 
 
-def _fingerprint(summary: dict) -> list[tuple[str, str]]:
-    """What the sampler wrote: a digest of every declared file (an h5ad: its matrix)."""
+def _fingerprint(summary: dict) -> list[tuple[str, object]]:
+    """What the sampler wrote: a digest of every declared file; an h5ad: its matrix itself (a point prediction
+    computed from the logits, e.g. spatial's Rao-Blackwellised mean, moves in the last float bits when a setting
+    such as compile=true runs other kernels over the same drawn tokens; the tokens are compared exactly)."""
     import anndata as ad
 
     out = []
     for kind in OUTPUT_KINDS:
         for p in summary.get(kind) or []:
             p = Path(p)
-            data = ad.read_h5ad(p).X.tobytes() if p.suffix == ".h5ad" else p.read_bytes()
-            out.append((p.name, hashlib.sha256(data).hexdigest()))
-    return sorted(out)
+            out.append((p.name, np.asarray(ad.read_h5ad(p).X) if p.suffix == ".h5ad"
+                        else hashlib.sha256(p.read_bytes()).hexdigest()))
+    return sorted(out, key=lambda x: x[0])
+
+
+def _same(a, b) -> bool:
+    """Two runs' (files, token digests) agree: digests exactly, h5ad matrices to 1e-5."""
+    (fa, ta), (fb, tb) = a, b
+    if ta != tb or [n for n, _ in fa] != [n for n, _ in fb]:
+        return False
+    return all(np.allclose(x, y, rtol=1e-5, atol=1e-5) if isinstance(x, np.ndarray) and isinstance(y, np.ndarray)
+               and x.shape == y.shape else (not isinstance(x, np.ndarray) and x == y) for (_, x), (_, y) in zip(fa, fb))
 
 
 def test_every_setting_is_honoured_or_refused_by_name(trained, monkeypatch):
@@ -232,9 +244,9 @@ def test_every_setting_is_honoured_or_refused_by_name(trained, monkeypatch):
             if field == "quantize":
                 assert all(getattr(net, "quantized", None) == value for net, _ in engines), "fp32 weights decoded"
             if expect == "changes":
-                assert got != base, f"{experiment}: {field}={value} was accepted but changed nothing"
+                assert not _same(got, base), f"{experiment}: {field}={value} was accepted but changed nothing"
             elif expect == "same":
-                assert got == base, f"{experiment}: {field}={value} must not change seeded samples"
+                assert _same(got, base), f"{experiment}: {field}={value} must not change seeded samples"
             report.append(f"{field}={value}: honoured")
     print(f"\n{experiment}: " + "; ".join(report))
 
