@@ -18,6 +18,7 @@ from armodal.modalities.spatial.predict import (
     HISTOGENE_PCC,
     POINT_ESTIMATES,
     REG2ST_PCC,
+    check_point,
     check_settings,
     interval_coverage,
     pearson_per_gene,
@@ -81,9 +82,7 @@ class SpatialEvaluator:
                  point: str = "rao_blackwell") -> None:
         from armodal.modalities.spatial.stain import STAIN_STRENGTHS  # noqa: PLC0415
 
-        if point not in POINT_ESTIMATES:
-            raise ValueError(f"evaluator.point={point!r}: known point predictions are {sorted(POINT_ESTIMATES)}")
-        self.point = point
+        self.point = check_point(point, "evaluator.point")
         self.generation = GenerationConfig.from_dict(generation or {"seed": 0}, source="SpatialEvaluator generation")
         self.noise, self.write_outputs, self.n_plot_genes = noise, write_outputs, n_plot_genes
         bad = [r for r in (robustness or []) if r not in STAIN_STRENGTHS]

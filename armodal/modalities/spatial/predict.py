@@ -19,6 +19,7 @@ from armodal.modalities.spatial.window import LatentMean, sample_windows
 
 __all__ = [
     "POINT_ESTIMATES",
+    "check_point",
     "check_settings",
     "predict_expression",
     "sequence_layout",
@@ -54,6 +55,13 @@ POINT_ESTIMATES = {
                      "code's distribution: same expectation as the drawn codes, less Monte-Carlo noise)",
     "samples": "the K drawn codes decoded (each clipped at 0), the plain Monte-Carlo mean",
 }
+
+def check_point(point: str, where: str = "point") -> str:
+    """``point`` if it names a :data:`POINT_ESTIMATES` entry, else a ValueError naming ``where`` (the option)."""
+    if point not in POINT_ESTIMATES:
+        raise ValueError(f"{where}={point!r}: known point predictions are {sorted(POINT_ESTIMATES)}")
+    return point
+
 
 _NOT_SAMPLES = ("the prediction is the mean of K samples and the interval their spread; {} gives K identical "
                 "(or K most likely) sequences, not samples from the model")
@@ -113,9 +121,9 @@ def sample_section(
     clean = np.empty_like(out) if return_clean or latent else None
     values = torch.from_numpy(tok.slot_values()).to(model.device) if latent else None  # [tps, V, D]
     zs = np.empty((n, num_samples, values.shape[-1]), np.float32) if latent else None
+    start = 0 if tok.bos_id is None else 1  # generated tokens follow the BOS, if any
     for a in range(0, n, spots_per_batch):
         b = min(n, a + spots_per_batch)
-        start = 0 if tok.bos_id is None else 1
         acc = LatentMean(values, lambda t: (0, t), (b - a) * num_samples, 1, start=start) if latent else None
         res = model.generate(cond={k: v[a:b].to(model.device) for k, v in cond.items()}, config=config,
                              num_samples=num_samples, generator=generator, on_probs=acc)
@@ -178,8 +186,7 @@ def predict_expression(
     (:func:`.window.sample_windows`); per-spot layout: each spot's tokens from its 7-spot H&E neighbourhood.
     """
     config = check_settings(config, layout)
-    if point not in POINT_ESTIMATES:
-        raise ValueError(f"point={point!r}: known point predictions are {sorted(POINT_ESTIMATES)}")
+    check_point(point)
     tokenizer = model.tokenizer
     feats = torch.as_tensor(feats).float()
     xy = np.asarray(xy, np.float64)

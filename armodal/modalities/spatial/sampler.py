@@ -28,7 +28,7 @@ from armodal.modalities.spatial.predict import (
     pearson_per_gene,
     check_settings,
     plot_maps,
-    POINT_ESTIMATES,
+    check_point,
     predict_expression,
     prediction_adata,
     sequence_layout,
@@ -118,10 +118,8 @@ class SpatialSampler(Sampler):
                  um_per_px: float | None = None, spot_um: float | None = None, visium: str | None = None,
                  h5ad: str | None = None, point: str = "rao_blackwell") -> None:
         super().__init__(generation)
-        if point not in POINT_ESTIMATES:
-            raise ValueError(f"sampler.point={point!r}: known point predictions are {sorted(POINT_ESTIMATES)}")
         self.data, self.section, self.genes = data, section, genes
-        self.noise, self.n_plot_genes, self.point = noise, n_plot_genes, point
+        self.noise, self.n_plot_genes, self.point = noise, n_plot_genes, check_point(point, "sampler.point")
         self.slide = dict(zip(SLIDE_INPUTS, (image, spots, um_per_px, spot_um, visium, h5ad)))
 
     def __call__(self, model, num_samples: int, out_dir: str | Path, config: GenerationConfig | None = None,
