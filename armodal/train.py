@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from armodal.modalities.base import TOKENIZER_FILE, MissingSplitError
 from armodal.training import run_folder
-from armodal.training.checkpoint import INTEGRITY_FORMAT, AtomicCheckpointIO, file_hashes
+from armodal.training.checkpoint import INTEGRITY_FORMAT, AtomicCheckpointIO, CheckpointError, file_hashes
 from armodal.utils.config import is_child_rank, main_wrapper, register_resolvers, save_config, timestamp
 from armodal.utils.safety import check_config_targets, check_config_types
 
@@ -36,6 +36,8 @@ def check_config(cfg: DictConfig) -> None:
     missing = [str(p) for p in (cfg.get("requires") or []) if not Path(p).exists()]
     if missing:
         raise FileNotFoundError(f"experiment {cfg.name!r} needs data that is not here: {', '.join(missing)}")
+    if cfg.get("init_from") and not Path(cfg.init_from).is_file():
+        raise FileNotFoundError(f"init_from={cfg.init_from!r}: no such checkpoint file")
 
 
 def save_tokenizer(tok, run_dir: Path, resuming: bool) -> dict[str, str]:
@@ -67,6 +69,32 @@ def build_runtime(cfg: DictConfig, datamodule) -> dict:
         if cfg.modality.get("conditioner") is not None:
             runtime["conditioner"] = instantiate(cfg.modality.conditioner, d_model=runtime["net"].config.d_model)
     return runtime
+
+
+def init_weights(module, path: str | Path, modality: str) -> None:
+    """``init_from=<ckpt>``: copy a finished run's weights into a new run's module before training (its EMA
+    weights when it kept them, into both the weights and this run's EMA); the optimizer, schedule and step
+    start fresh.  The checkpoint is read like any other (verified, ``weights_only``); one of another
+    modality or of another model shape is a clear error naming the file."""
+    from armodal.api import _sub_state, is_ar_config, load_checkpoint_meta
+
+    path = Path(path)
+    ckpt, saved = load_checkpoint_meta(path, expect_modality=modality)
+    if not is_ar_config(saved):
+        raise CheckpointError(f"init_from={str(path)!r}: not an autoregressive checkpoint (stage {saved.module._target_})")
+    state = ckpt["state_dict"]
+    prefix = "ema." if any(k.startswith("ema.") for k in state) else ""
+    parts = {"net": module.net, **({"conditioner": module.conditioner} if module.conditioner is not None else {})}
+    try:
+        for name, part in parts.items():
+            part.load_state_dict(_sub_state(state, prefix + name + "."))
+    except RuntimeError as e:
+        raise CheckpointError(f"init_from={str(path)!r}: its weights do not fit this run's model "
+                              f"({' '.join(str(e).split())[:300]}); use the same model and tokenizer settings") from None
+    if module.ema is not None:
+        for name, part in parts.items():
+            module.ema[name].load_state_dict(part.state_dict())
+    print(f"[armodal] weights initialised from {path}" + (" (its EMA weights)" if prefix else ""))
 
 
 def finish_run(trainer: pl.Trainer, module, dm, run_dir: Path) -> None:
@@ -145,6 +173,8 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> dict:
         "tokenizer_sha256": tok_hashes,
     }
     module.run_dir = run_dir
+    if cfg.get("init_from") and ckpt_path is None:  # on resume the checkpoint holds the weights
+        init_weights(module, cfg.init_from, cfg.modality.name)
     if cfg.modality.get("sampler") is not None:
         module.sampler = instantiate(cfg.modality.sampler)
 

@@ -31,6 +31,12 @@ class ARLitModule(pl.LightningModule):
     ``modality.data.avoid`` for the chorale grid).  A
     batch with ``avoid`` sets and weight 0, or weight > 0 and no sets, is an error: the setting would
     be silently dropped.  Validation and test report the plain NLL.
+
+    ``distill_weight`` w in (0, 1] trains on the batches' ``soft_targets`` [B, T, V] (a data-module option
+    such as ``modality.data.soft_targets``: a teacher's next-token distributions, e.g. a transposition
+    ensemble's): each token with a soft target q is trained against ``(1 - w) * one-hot + w * q``
+    (knowledge distillation, Hinton et al. 2015), the others against their one-hot target.  The same
+    both-ways check as for the avoid sets applies.  ``train/nll`` logs the plain NLL.
     """
 
     def __init__(
@@ -43,8 +49,13 @@ class ARLitModule(pl.LightningModule):
         ema_decay: float | None = None,
         compile: bool = False,
         unlikelihood_weight: float = 0.0,
+        distill_weight: float = 0.0,
     ) -> None:
         super().__init__()
+        if (isinstance(distill_weight, bool) or not isinstance(distill_weight, (int, float))
+                or not 0.0 <= distill_weight <= 1.0):
+            raise ValueError(f"module.distill_weight={distill_weight!r}: expected a number in [0, 1]")
+        self.distill_weight = float(distill_weight)
         if not (isinstance(unlikelihood_weight, (int, float)) and math.isfinite(unlikelihood_weight)
                 and unlikelihood_weight >= 0):
             raise ValueError(f"module.unlikelihood_weight={unlikelihood_weight!r}: expected a number >= 0")
@@ -84,22 +95,36 @@ class ARLitModule(pl.LightningModule):
         return batch_nll(net, self.conditioner, batch, self.pad_id)
 
     # -- steps ------------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        has_avoid = batch.get("avoid") is not None
-        if has_avoid != (self.unlikelihood_weight > 0):
+    def _batch_term(self, batch: dict, key: str, weight: str, allowed: str, what: str, option: str) -> bool:
+        """Whether the batch carries ``key`` for the loss term scaled by ``module.<weight>``; a term with
+        its data and no weight, or a weight and no data, is an error (the setting would be dropped)."""
+        has = batch.get(key) is not None
+        if has != (getattr(self, weight) > 0):
             raise ValueError(
-                "module.unlikelihood_weight > 0 needs training batches with avoid sets (a data option such as "
-                "modality.data.avoid.parallels=1)" if not has_avoid else
-                "the training batches carry avoid sets (e.g. modality.data.avoid.parallels=1) but "
-                "module.unlikelihood_weight is 0: set it > 0, or turn the data option off")
+                f"module.{weight} > 0 needs training batches with {what} (a data option such as {option})"
+                if not has else f"the training batches carry {what} (e.g. {option}) but module.{weight} is 0: "
+                f"set it {allowed}, or turn the data option off")
+        return has
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        has_avoid = self._batch_term(batch, "avoid", "unlikelihood_weight", "> 0", "avoid sets",
+                                     "modality.data.avoid.parallels=1")
+        has_soft = self._batch_term(batch, "soft_targets", "distill_weight", "in (0, 1]", "soft targets",
+                                    "modality.data.soft_targets=<teacher file>")
         bs = batch["ids"].shape[0]
-        if has_avoid:
+        if has_avoid or has_soft:
             net = self._train_forward if self._train_forward is not None else self.net
-            s, n, ul = batch_losses(net, self.conditioner, batch, self.pad_id, unlikelihood=True)
+            out = batch_losses(net, self.conditioner, batch, self.pad_id, unlikelihood=has_avoid, distill=has_soft)
+            s, n, ul = out[:3]
             nll = s / n.clamp_min(1)
-            loss = nll + self.unlikelihood_weight * ul / n.clamp_min(1)
+            loss = nll
             self.log("train/nll", nll, batch_size=bs)
-            self.log("train/unlikelihood", ul / n.clamp_min(1), batch_size=bs)
+            if has_avoid:
+                loss = loss + self.unlikelihood_weight * ul / n.clamp_min(1)
+                self.log("train/unlikelihood", ul / n.clamp_min(1), batch_size=bs)
+            if has_soft:
+                soft_ce, hard_on_soft = out[3]
+                loss = loss + self.distill_weight * (soft_ce - hard_on_soft) / n.clamp_min(1)
         else:
             s, n = self.forward_nll(batch)
             loss = s / n.clamp_min(1)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["token_logits_and_targets", "next_token_nll", "unlikelihood_sum", "batch_nll", "batch_losses", "dataset_nll",
-           "to_device"]
+__all__ = ["token_logits_and_targets", "next_token_nll", "unlikelihood_sum", "soft_target_sums", "batch_nll",
+           "batch_losses", "dataset_nll", "to_device"]
 
 
 def token_logits_and_targets(
@@ -63,10 +63,36 @@ def unlikelihood_sum(
     return -torch.log1p(-log_bad.exp().clamp(max=1.0 - 1e-6)).sum()
 
 
+def soft_target_sums(
+    logits: torch.Tensor, ids: torch.Tensor, soft: torch.Tensor, prefix_len: int = 0,
+    loss_mask: torch.Tensor | None = None, pad_id: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distillation terms over the target tokens that have a soft target: (sum of the cross-entropy
+    ``-sum_v q(v) log p(v)`` against the soft target q, sum of the plain NLL of the same tokens).
+
+    ``soft`` [B, T, V] is aligned with ``ids`` like ``loss_mask``: ``soft[b, t]`` is a distribution over
+    the vocabulary for token ``t`` (e.g. a teacher's prediction), or all zeros where there is none (that
+    token keeps its one-hot target).  The caller mixes: ``nll + w * (soft_ce - nll_on_those)`` is the
+    cross-entropy against ``(1 - w) * one-hot + w * q`` on the tokens with a soft target.
+    """
+    lg, tgt, mask = token_logits_and_targets(logits, ids, prefix_len, loss_mask, pad_id)
+    q = soft if prefix_len > 0 else soft[:, 1:]
+    sel = mask & (q.sum(-1) > 0)
+    if not bool(sel.any()):
+        zero = lg.new_zeros((), dtype=torch.float32)
+        return zero, zero
+    logp = lg[sel].float().log_softmax(-1)  # [N, V]
+    qs = q[sel].float()
+    soft_ce = -(qs * logp.clamp_min(-1e4)).sum()  # clamp: q = 0 on a -inf log p adds 0, not nan
+    hard = -logp.gather(-1, tgt[sel][:, None]).sum()
+    return soft_ce, hard
+
+
 def batch_losses(net: nn.Module, conditioner: nn.Module | None, batch: dict, pad_id: int | None,
-                 unlikelihood: bool = False):
-    """(sum NLL in nats, number of target tokens, unlikelihood sum or None) for one batch dict; the
-    unlikelihood term needs the batch's ``avoid`` sets."""
+                 unlikelihood: bool = False, distill: bool = False):
+    """(sum NLL in nats, number of target tokens, unlikelihood sum or None[, (soft CE sum, NLL sum on the
+    soft-target tokens)] when ``distill``) for one batch dict; the unlikelihood term needs the batch's
+    ``avoid`` sets, the distillation terms its ``soft_targets``."""
     ids = batch["ids"]
     prefix = None
     if conditioner is not None and batch.get("cond") is not None:
@@ -77,6 +103,8 @@ def batch_losses(net: nn.Module, conditioner: nn.Module | None, batch: dict, pad
     ul = None
     if unlikelihood:
         ul = unlikelihood_sum(logits, ids, batch["avoid"], p, batch.get("loss_mask"), pad_id, batch.get("avoid_weight"))
+    if distill:
+        return s, n, ul, soft_target_sums(logits, ids, batch["soft_targets"], p, batch.get("loss_mask"), pad_id)
     return s, n, ul
 
 

@@ -51,6 +51,9 @@ __all__ = [
     "ChoraleDataModule",
     "load_jsb",
     "JSB_FILE",
+    "grids_fingerprint",
+    "load_soft_targets",
+    "transpose_soft_rows",
 ]
 
 log = logging.getLogger(__name__)
@@ -402,6 +405,66 @@ def load_jsb(path: str | Path) -> dict[str, list[np.ndarray]]:
     return splits
 
 
+def grids_fingerprint(grids) -> str:
+    """SHA-256 of a list of JSB grids (shapes and pitches, rests as -1): ties a soft-target file to the
+    exact pieces it was computed on."""
+    h = hashlib.sha256()
+    for g in grids:
+        g = np.asarray(g, dtype=np.float64)
+        h.update(np.asarray(g.shape, dtype=np.int64).tobytes())
+        h.update(np.nan_to_num(g, nan=-1.0).astype(np.int16).tobytes())
+    return h.hexdigest()
+
+
+def load_soft_targets(path: str | Path, grids, vocab_size: int) -> list[np.ndarray]:
+    """Read a soft-target file written by ``scripts/jsb_distill_targets.py`` for the training pieces
+    ``grids``: one float array [steps, 4, V] per piece, each row a distribution over the vocabulary of
+    that voice-step token (a teacher's prediction in the piece's own key).  Everything is checked first:
+    the file (no pickle), the pieces it was made for (fingerprint), shapes, and that every row is a
+    distribution; each problem is a clear error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"modality.data.soft_targets={str(path)!r}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:  # not a zip / a pickled member / truncated
+        raise ValueError(f"{path}: not a soft-target .npz ({type(e).__name__}: {e})") from None
+    if "fingerprint" not in arrays or str(arrays["fingerprint"]) != grids_fingerprint(grids):
+        raise ValueError(f"{path}: its soft targets were computed for other training pieces than this data's "
+                         f"{len(grids)} (fingerprint differs); recompute them for this data with "
+                         "scripts/jsb_distill_targets.py")
+    out = []
+    for i, g in enumerate(grids):
+        a = arrays.get(f"piece_{i}")
+        if a is None or a.shape != (len(g), NUM_VOICES, vocab_size):
+            raise ValueError(f"{path}: piece_{i} has shape {None if a is None else a.shape}, expected "
+                             f"{(len(g), NUM_VOICES, vocab_size)}")
+        a = a.astype(np.float32)
+        sums = a.sum(-1)
+        if not np.isfinite(a).all() or (a < 0).any() or np.abs(sums - 1).max() > 1e-2:
+            raise ValueError(f"{path}: piece_{i} holds rows that are not distributions (negative, NaN, or not "
+                             "summing to 1)")
+        out.append(a / sums[..., None])
+    return out
+
+
+def transpose_soft_rows(rows: np.ndarray, shift: int, first: int) -> np.ndarray:
+    """Distributions [N, V] over the JSB vocabulary (pitch ids from ``first`` on) moved ``shift`` semitones:
+    a pitch's mass goes to the shifted pitch, specials (rest included) stay, mass shifted out of range is
+    dropped and each row renormalised."""
+    if shift == 0:
+        return rows
+    out = np.zeros_like(rows)
+    out[:, :first] = rows[:, :first]
+    v = rows.shape[1]
+    if shift > 0:
+        out[:, first + shift:] = rows[:, first: v - shift]
+    else:
+        out[:, first: v + shift] = rows[:, first - shift:]
+    return out / np.maximum(out.sum(-1, keepdims=True), 1e-12)
+
+
 def _random_transpose(piece, max_transpose: int, low: int, high: int, rng: np.random.Generator):
     """(piece moved, shift): a uniformly drawn shift in [-k, k] among those that keep the piece
     (a grid or a :class:`Chorale`) in range."""
@@ -423,10 +486,11 @@ class _JSBTrainWindows(Dataset):
     """
 
     def __init__(self, grids, tok: JSBTokenizer, window_steps: int, max_transpose: int, start_prob: float,
-                 untarget_when_transposed: tuple[int, ...] = ()) -> None:
+                 untarget_when_transposed: tuple[int, ...] = (), soft: list[np.ndarray] | None = None) -> None:
         self.grids, self.tok, self.window_steps = grids, tok, window_steps
         self.max_transpose, self.start_prob = max_transpose, start_prob
         self.untarget_when_transposed = untarget_when_transposed  # positions of a piece's first window
+        self.soft = soft  # per piece [steps, 4, V] soft targets in the piece's key, or None
 
     def __len__(self) -> int:
         return len(self.grids)
@@ -441,7 +505,15 @@ class _JSBTrainWindows(Dataset):
         window = grid[start : start + self.window_steps]
         ids = self.tok.encode(window, bos=start == 0, eos=start + self.window_steps >= len(grid))
         untarget = self.untarget_when_transposed if (start == 0 and shift) else ()
-        return ids, 0 if start == 0 else self.tok.prefix_len(False), untarget  # (ids, leading non-targets, ...)
+        skip = 0 if start == 0 else self.tok.prefix_len(False)
+        if self.soft is None:
+            return ids, skip, untarget  # (ids, leading non-targets, positions that are no target)
+        rows = self.soft[i][start : start + self.window_steps]  # [w, 4, V] in the original key
+        rows = transpose_soft_rows(rows.reshape(-1, rows.shape[-1]), shift, self.tok.num_specials)
+        soft = np.zeros((len(ids), rows.shape[1]), dtype=np.float32)  # BOS / header / EOS: no soft target
+        lead = self.tok.prefix_len(start == 0)
+        soft[lead : lead + len(rows)] = rows
+        return ids, skip, untarget, torch.from_numpy(soft)
 
 
 class _JSBEvalWindows(Dataset):
@@ -454,9 +526,11 @@ class _JSBEvalWindows(Dataset):
 
     def __init__(self, grids, tok: JSBTokenizer, window_steps: int, stride_steps: int) -> None:
         self.items: list[tuple[torch.Tensor, int]] = []  # (ids, number of leading non-target tokens)
-        for grid in grids:
+        self.where: list[tuple[int, int]] = []  # (piece, first step) of each window
+        for p, grid in enumerate(grids):
             n = len(grid)
             self.items.append((tok.encode(grid[:window_steps], bos=True, eos=False), 0))
+            self.where.append((p, 0))
             end = window_steps
             while end < n:
                 new_end = min(end + stride_steps, n)
@@ -465,6 +539,7 @@ class _JSBEvalWindows(Dataset):
                 ids = tok.encode(grid[start:new_end], bos=start == 0, eos=False)
                 skip = tok.prefix_len(start == 0) + NUM_VOICES * (end - start)  # prefix + already-scored tokens
                 self.items.append((ids, skip))
+                self.where.append((p, start))
                 end = new_end
 
     def __len__(self) -> int:
@@ -492,6 +567,12 @@ class JSBDataModule(pl.LightningDataModule):
     fifth or octave with a voice above it, or cross the voice just above
     (:mod:`~armodal.modalities.music.avoid`), for the LightningModule's unlikelihood term
     (``module.unlikelihood_weight`` > 0 scales them all).
+
+    ``soft_targets``: a file written by ``scripts/jsb_distill_targets.py`` (a teacher's next-token
+    distribution for every voice-step token of the training pieces, e.g. the transposition ensemble of
+    a trained model); training batches then also carry ``soft_targets`` [B, T, V], moved with each
+    window's transposition, for the LightningModule's distillation term (``module.distill_weight``).
+    Validation and test never see them: ``val/nll`` stays the model's own note-wise NLL.
     """
 
     def __init__(
@@ -507,9 +588,11 @@ class JSBDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         eval_batch_size: int | None = None,
         avoid: tuple[str, ...] | list[str] | dict[str, float] = (),
+        soft_targets: str | None = None,
     ) -> None:
         super().__init__()
         self.avoid = self._avoid_rules(avoid)
+        self.soft_targets = soft_targets
         if window_steps % 4 or stride_steps % 4 or not 0 < stride_steps <= window_steps:
             raise ValueError("window_steps and stride_steps must be multiples of 4 with 0 < stride <= window")
         self.path, self.batch_size, self.window_steps, self.stride_steps = path, batch_size, window_steps, stride_steps
@@ -550,13 +633,20 @@ class JSBDataModule(pl.LightningDataModule):
         t = max(len(item[0]) for item in items)
         ids = torch.full((len(items), t), self.tokenizer.pad_id, dtype=torch.long)  # [B, T]
         loss_mask = torch.zeros(len(items), t, dtype=torch.bool)  # [B, T]
-        for i, (s, skip, *untarget) in enumerate(items):
+        soft = None
+        if len(items[0]) > 3:  # training windows with soft targets [len, V]
+            soft = torch.zeros(len(items), t, items[0][3].shape[1])  # [B, T, V]; zero rows = none
+        for i, (s, skip, *rest) in enumerate(items):
             ids[i, : len(s)] = s
             loss_mask[i, skip : len(s)] = True
-            for pos in untarget[0] if untarget else ():
+            for pos in rest[0] if rest else ():
                 loss_mask[i, pos] = False
+            if soft is not None:
+                soft[i, : len(s)] = rest[1]
         loss_mask &= ids >= self.tokenizer.rest_id  # voice-step tokens only
         batch = {"ids": ids, "types": self.tokenizer.types(ids), "loss_mask": loss_mask}
+        if soft is not None:
+            batch["soft_targets"] = soft
         if avoid and self.avoid:
             batch["avoid"] = torch.stack([avoid_sets(self.tokenizer, ids, (r,)) for r in self.avoid])  # [R, B, T, V]
             batch["avoid_weight"] = torch.tensor(list(self.avoid.values()))
@@ -576,8 +666,11 @@ class JSBDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
+        soft = None
+        if self.soft_targets:
+            soft = load_soft_targets(self.soft_targets, self.splits["train"], self.tokenizer.vocab_size)
         ds = _JSBTrainWindows(self.splits["train"], self.tokenizer, self.window_steps, self.max_transpose,
-                              self.start_prob, self.untarget_when_transposed())
+                              self.start_prob, self.untarget_when_transposed(), soft)
         return self._loader(ds, self.batch_size, True)
 
     def eval_dataset(self, split: str) -> Dataset:
@@ -621,6 +714,9 @@ class ChoraleDataModule(JSBDataModule):
 
     def __init__(self, path: str, hold_types: int = 8, meters: tuple[int, ...] | list[int] = (12, 16, 24),
                  key_prior: str = "original", **kwargs) -> None:
+        if kwargs.get("soft_targets"):
+            raise ValueError("modality.data.soft_targets: soft targets are made for the JSB grid "
+                             "(experiment=music_jsb, scripts/jsb_distill_targets.py), not for the corpus chorales")
         super().__init__(path, hold_types=hold_types, **kwargs)
         if key_prior not in self.KEY_PRIORS:
             raise ValueError(f"modality.data.key_prior={key_prior!r}: expected one of {self.KEY_PRIORS}")

@@ -26,7 +26,7 @@ import torch
 
 from armodal.modalities.music.tokenizer import JSBTokenizer
 
-__all__ = ["shifted_log_probs", "transposition_ensemble_nll"]
+__all__ = ["shifted_log_probs", "mixture_log_probs", "transposition_ensemble_nll"]
 
 
 def shifted_log_probs(net, tok: JSBTokenizer, ids: torch.Tensor,
@@ -55,6 +55,12 @@ def shifted_log_probs(net, tok: JSBTokenizer, ids: torch.Tensor,
         member = member - torch.logsumexp(member, -1, keepdim=True)  # renormalise over what it can name
         out[k] = torch.where(usable[k][:, None], member, out[k])
     return out, usable
+
+
+def mixture_log_probs(logp: torch.Tensor, usable: torch.Tensor) -> torch.Tensor:
+    """The ensemble's next-token log-distribution [T - 1, V]: the uniform mixture of the members that take
+    part at each position (``logp`` [S, T - 1, V], ``usable`` [S, T - 1] from :func:`shifted_log_probs`)."""
+    return torch.logsumexp(logp, 0) - torch.log(usable.sum(0).float())[:, None]
 
 
 @torch.no_grad()
