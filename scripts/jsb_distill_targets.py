@@ -7,7 +7,7 @@ the same sliding windows as validation (each token once, with >= window - stride
 
 The file holds ``piece_<i>`` [steps, 4, V] float16 distributions (the teacher's prediction of each token,
 in the piece's own key), the ``fingerprint`` of the training pieces they belong to, and the teacher's
-NLL on them (``nll_train``, ``nll_train_single``).  Only training pieces are read: validation and test
+NLL on them (``nll_train``, ``nll_train_single``; also written beside it as ``<out>.json``).  Only training pieces are read: validation and test
 stay unseen by the student, through the teacher or otherwise.  Written atomically; an existing file is
 never replaced unless --overwrite.
 """
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
             np.savez_compressed(f, **arrays)
 
     atomic_write(out, write)
+    atomic_write(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(stats, indent=2)))  # for reproduce.py
     print(json.dumps(stats, indent=2))
     return stats
 

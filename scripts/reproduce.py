@@ -44,6 +44,11 @@ class ReproduceError(RuntimeError):
     """A row cannot be collected as asked (missing file, unknown metric, stale run); never skipped silently."""
 
 
+def entry_name(entry: dict) -> str:
+    """An entry's row name: ``name`` (e.g. a second run of one experiment), else its experiment."""
+    return entry.get("name") or entry["experiment"]
+
+
 def expected_command(name: str, entry: dict) -> str:
     """The training command line a run of this entry records in its metrics.json."""
     return shlex.join(["armodal-train", f"experiment={name}", *entry.get("train", [])])
@@ -120,7 +125,7 @@ def first_command(entry: dict) -> str:
 
 
 def do_entry(entry: dict, collect_only: bool) -> dict | list[dict]:
-    name = entry.get("experiment") or entry["name"]
+    name = entry_name(entry)
     row = {"name": name, "commands": [], "show": entry.get("show")}
     if "script" in entry:
         cmd = shlex.split(entry["script"])
@@ -137,7 +142,7 @@ def do_entry(entry: dict, collect_only: bool) -> dict | list[dict]:
             check_show(r)
         return rows if isinstance(data, list) else rows[0]
     # overwrite=true: reproducing re-runs from scratch, also into a pinned run folder that already holds a run
-    train_cmd = [str(BIN / "armodal-train"), f"experiment={name}", "overwrite=true", *entry.get("train", [])]
+    train_cmd = [str(BIN / "armodal-train"), f"experiment={entry['experiment']}", "overwrite=true", *entry.get("train", [])]
     if "run_dir" in entry:
         train_cmd.append(f"run_dir={ROOT / entry['run_dir']}")
     row["commands"].append(first_command(entry))
@@ -149,7 +154,7 @@ def do_entry(entry: dict, collect_only: bool) -> dict | list[dict]:
         if "run_dir" not in read_metrics(run_dir / "metrics.json", name):
             raise ReproduceError(f"{name}: the run in {run_dir} did not finish (metrics.json names no run_dir)")
     else:
-        run_dir = latest_run(entry.get("run_name", name), expected_command(name, entry))
+        run_dir = latest_run(entry.get("run_name", entry["experiment"]), expected_command(entry["experiment"], entry))
     ckpt = run_dir / "checkpoints" / entry.get("ckpt", "best.ckpt")
     eval_out = run_dir / entry.get("eval_out", "eval_metrics.json")
     eval_cmd = [str(BIN / "armodal-eval"), f"ckpt={ckpt}", f"out={eval_out}", *entry.get("eval", [])]
@@ -210,12 +215,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
     entries = yaml.safe_load((ROOT / "scripts" / "reproduce.yaml").read_text())
     only = {s for s in args.only.split(",") if s}
-    unknown = only - {e.get("experiment") or e.get("name") for e in entries}
+    unknown = only - {entry_name(e) for e in entries}
     if unknown:
         raise ReproduceError(f"--only names entries that scripts/reproduce.yaml does not have: {sorted(unknown)}")
     rows = []
     for e in entries:
-        name = e.get("experiment") or e.get("name")
+        name = entry_name(e)
         if only and name not in only:
             continue
         r = do_entry(e, args.collect)
@@ -226,7 +231,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if only and old_json.is_file():  # keep the rows of experiments not rerun this time
         fresh = {r["name"].split(" [")[0] for r in rows}
         kept = [r for r in json.loads(old_json.read_text()) if r["name"].split(" [")[0] not in fresh]
-        by_name = {e.get("experiment") or e.get("name"): e for e in entries}
+        by_name = {entry_name(e): e for e in entries}
         for r in kept:  # a kept row made by today's command gets today's show list, checked
             e = by_name.get(r["name"].split(" [")[0])
             if e is not None and r["commands"][:1] == [first_command(e)]:
@@ -235,7 +240,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             else:
                 print(f"[reproduce] note: the row {r['name']!r} was made by an older command; rerun it", flush=True)
         rows = kept + rows
-        order = [e.get("experiment") or e.get("name") for e in entries]
+        order = [entry_name(e) for e in entries]
         rows.sort(key=lambda r: order.index(r["name"].split(" [")[0]) if r["name"].split(" [")[0] in order else 99)
     out.write_text(render(rows))
     (out.with_suffix(".json")).write_text(json.dumps(rows, indent=2))

@@ -6,6 +6,7 @@ transposition (``modality.data.soft_targets``), mixed into the loss by the Light
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import pickle
 
@@ -237,6 +238,7 @@ def test_distillation_run_end_to_end_with_init_from(tmp_path):
     soft = tmp_path / "soft.npz"
     stats = _script().main([str(t_ckpt), str(soft)])
     assert stats["tokens"] > 0 and soft.is_file()
+    assert json.loads(soft.with_suffix(".json").read_text())["tokens"] == stats["tokens"]
     with pytest.raises(SystemExit, match="exists"):  # never replaced without --overwrite
         _script().main([str(t_ckpt), str(soft)])
 

@@ -58,6 +58,16 @@ def test_collect_takes_the_newest_finished_run_of_the_entrys_command(rp, tmp_pat
         rp.do_entry({"experiment": "toy", "train": ["x=1"], "eval": []}, collect_only=True)
 
 
+def test_a_named_entry_is_a_second_run_of_its_experiment(rp, tmp_path):
+    """``name`` + ``experiment`` (e.g. the distilled JSB student beside music_jsb): the row carries the name,
+    the run is the experiment's, with the entry's overrides."""
+    _run(tmp_path, "toy", "a", "armodal-train experiment=toy", age=300, nll=0.5)
+    _run(tmp_path, "toy", "b", "armodal-train experiment=toy x=1", age=200, nll=0.4)
+    row = rp.do_entry({"name": "toy_x", "experiment": "toy", "train": ["x=1"], "eval": []}, collect_only=True)
+    assert row["name"] == "toy_x" and row["metrics"]["val.nll"] == 0.4
+    assert row["commands"][0] == "armodal-train experiment=toy x=1"
+
+
 def test_unknown_show_key_stops_with_a_hint(rp, tmp_path):
     _run(tmp_path, "toy", "a", "armodal-train experiment=toy")
     with pytest.raises(rp.ReproduceError, match=r"toy: show names .*'val.nl' \(close: \['val.nll'"):
@@ -103,7 +113,7 @@ def test_reproduce_yaml_show_keys_name_recorded_metrics(rp):
     rows = json.loads((ROOT_DIR / "results" / "RESULTS.json").read_text())
     checked = 0
     for e in entries:
-        name = e.get("experiment") or e.get("name")
+        name = rp.entry_name(e)
         for r in rows:
             if r["name"].split(" [")[0] == name and r["commands"][:1] == [rp.first_command(e)]:
                 missing = [k for k in e.get("show") or [] if k not in r["metrics"]]
